@@ -1,0 +1,2313 @@
+"""sl-forgery: run commands on a remote SLURM cluster as if they were local.
+
+A thin layer over the system's OpenSSH (one ControlMaster connection per server, reused by every call) and SLURM
+(sbatch, squeue, sacct, scancel). Jobs are rendered by pure functions, submitted in one round trip, and followed to
+their true end without hammering the scheduler.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "__version__",
+    "SlForgeryError",
+    "UsageError",
+    "ConfigError",
+    "CredentialError",
+    "CommandError",
+    "SSHError",
+    "SlurmError",
+    "WaitTimeout",
+    "Job",
+    "JobStatus",
+    "JobInfo",
+    "Profile",
+    "Config",
+    "SSHConnection",
+    "Server",
+    "get_parser",
+    "main",
+]
+
+__version__ = "0.1.0"
+
+import os
+import re
+import sys
+import enum
+import json
+import time
+import shlex
+import subprocess
+import dataclasses
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+APP_NAME = "sl-forgery"
+KEYRING_SERVICE = "sl-forgery"
+DEFAULT_PORT = 22
+DEFAULT_CONTROL_PERSIST = 600  # seconds an idle master stays up
+DEFAULT_CALL_TIMEOUT = 120.0  # seconds any one ssh call may take
+SERVER_ALIVE_INTERVAL = 15
+REMOTE_RECORD_DIR = ".sl-forgery"  # inside a job's working directory: uploaded scripts and exit records
+JOBS_ROOT_NAME = "sl-forgery-jobs"  # default parent of job working directories on the server
+SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, at first...
+SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
+RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
+WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
+NO_MASTER_MARKER = "kex_exchange_identification"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+EXIT_SSH = 255
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success (every job COMPLETED)
+  1    a job ended badly (CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...) or another error
+  2    usage or configuration error
+  N    wait/run --wait: the exit code of a FAILED job
+  124  --timeout reached
+  130  interrupted (Ctrl-C); the job keeps running
+  255  SSH failure (connection, authentication, host key)
+
+environment:
+  SL_FORGERY_CONFIG   path of the servers file (default $XDG_CONFIG_HOME/sl-forgery/servers.yaml)
+  SL_FORGERY_SERVER   server profile to use when --server is not given
+  XDG_STATE_HOME      where the local job history lives (sl-forgery/jobs.jsonl)
+  NO_COLOR            no colour in tables
+"""
+
+
+# ======================================================================================================================
+# Errors
+# ======================================================================================================================
+
+
+class SlForgeryError(Exception):
+    """Root of every error sl-forgery raises on purpose; `main` turns each into a one-line message and exit code."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(SlForgeryError):
+    """A value given by the user cannot be used."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(SlForgeryError):
+    """The local configuration (servers file, legacy credentials) is missing or malformed."""
+
+    exit_code = EXIT_USAGE
+
+
+class CredentialError(SlForgeryError):
+    """A password cannot be stored or found."""
+
+
+class WaitTimeout(SlForgeryError):
+    """`wait` gave up before every job ended."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+def _truncate(text: str, limit: int = 2000) -> str:
+    text = text.rstrip("\n")
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+class CommandError(SlForgeryError):
+    """A program exited with a non-zero code: keeps what ran, its exit code, stdout and stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str = "", stderr: str = "", what: str = ""):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout or ""
+        self.stderr = stderr or ""
+        self.what = what or Path(self.argv[0]).name
+        super().__init__(self.summary)
+
+    @property
+    def summary(self) -> str:
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        reason = f": {lines[-1]}" if lines else ""
+        return f"{self.what} failed with exit code {self.returncode}{reason}"
+
+    def __str__(self) -> str:
+        return (
+            f"{self.summary}\n\n  RAN: {shlex.join(self.argv)}\n\n  EXIT CODE: {self.returncode}"
+            f"\n\n  STDOUT:\n{_truncate(self.stdout)}\n\n  STDERR:\n{_truncate(self.stderr)}"
+        )
+
+
+class SSHError(CommandError):
+    """ssh or scp failed: no connection, authentication refused, host key rejected, or a timeout."""
+
+    exit_code = EXIT_SSH
+
+
+class SlurmError(CommandError):
+    """A SLURM command (sbatch, squeue, sacct, scancel) refused or failed."""
+
+
+# ======================================================================================================================
+# Pure functions and data: jobs, scripts, states, parsers (no I/O in this section)
+# ======================================================================================================================
+
+_SBATCH_SPECIAL = set(' \t"\\#\'')
+
+
+def sbatch_quote(value: str) -> str:
+    r"""Quote a value for an ``#SBATCH`` line, which SLURM splits on blanks and reads with backslash escapes.
+
+    >>> sbatch_quote("my job")
+    'my\\ job'
+    >>> sbatch_quote("plain-name_1")
+    'plain-name_1'
+    """
+    return "".join("\\" + char if char in _SBATCH_SPECIAL else char for char in value)
+
+
+def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be text, not {type(value).__name__}")
+    if not value and not allow_empty:
+        raise UsageError(f"{what} must not be empty")
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise UsageError(f"{what} must be a single line: {value!r} contains a line break or NUL")
+    return value
+
+
+def _check_int(what: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{what} must be a whole number, not {value!r}")
+    if value < minimum:
+        raise UsageError(f"{what} must be at least {minimum}, not {value}")
+    return value
+
+
+def _remote_path(what: str, value: object) -> str:
+    """An absolute path on the server, as POSIX text."""
+    path = PurePosixPath(_check_text(what, value))
+    if not path.is_absolute():
+        raise UsageError(f"{what} must be an absolute path on the server, not {str(path)!r}")
+    return str(path)
+
+
+_MANAGED_OPTIONS = {
+    "job-name", "output", "error", "chdir", "cpus-per-task", "mem", "time", "partition", "account", "qos",
+    "gpus", "nodes", "array", "dependency", "parsable", "wrap",
+}
+_OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=.*)?$")
+_ARRAY_RE = re.compile(r"^[0-9]+(-[0-9]+(:[0-9]+)?)?(,[0-9]+(-[0-9]+(:[0-9]+)?)?)*(%[0-9]+)?$")
+_DEPENDENCY_RE = re.compile(r"^[a-z_]+(:[0-9_+]+)*([,?][a-z_]+(:[0-9_+]+)*)*$|^singleton$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _normalize_sbatch_options(options: Sequence[str] | Mapping[str, object] | None) -> list[str]:
+    """Validate extra raw sbatch options: ``["--constraint=x", "--exclusive"]`` or ``{"constraint": "x"}``."""
+    if options is None:
+        return []
+    if isinstance(options, Mapping):
+        items = [f"--{key}" if value is True else f"--{key}={value}" for key, value in options.items()]
+    elif isinstance(options, str):
+        raise UsageError("sbatch_options must be a list of options such as ['--constraint=gpu'], not one string")
+    else:
+        items = list(options)
+    result = []
+    for item in items:
+        text = _check_text("an sbatch option", item)
+        match = _OPTION_RE.match(text)
+        if not match:
+            raise UsageError(f"sbatch option {text!r} is not of the form --name or --name=value")
+        if match.group(1) in _MANAGED_OPTIONS:
+            raise UsageError(f"sbatch option --{match.group(1)} is set by a Job argument; use that argument instead")
+        result.append(text)
+    return result
+
+
+class Job:
+    """A batch job: SLURM resources, an optional conda environment, and shell commands run in order.
+
+    ``time_limit`` is in minutes and ``ram_gb`` in GB, as in the original sl-forgery. Paths are absolute paths on
+    the server; log paths may use SLURM's patterns (``%j`` is the job id). The first failing command ends the job
+    with that command's exit code.
+    """
+
+    def __init__(
+        self,
+        job_name: str,
+        output_log: str | os.PathLike[str],
+        error_log: str | os.PathLike[str],
+        working_directory: str | os.PathLike[str],
+        conda_environment: str | None = None,
+        cpus_to_use: int = 1,
+        ram_gb: float = 4,
+        time_limit: int = 60,
+        *,
+        partition: str | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        gpus: int | str | None = None,
+        nodes: int | None = None,
+        array: str | None = None,
+        dependency: str | Sequence[str | int] | None = None,
+        environment: Mapping[str, str] | None = None,
+        sbatch_options: Sequence[str] | Mapping[str, object] | None = None,
+    ) -> None:
+        self.job_name = _check_text("job_name", job_name)
+        self.output_log = _remote_path("output_log", output_log)
+        self.error_log = _remote_path("error_log", error_log)
+        self.working_directory = _remote_path("working_directory", working_directory)
+        self.conda_environment = None if conda_environment is None else _check_text(
+            "conda_environment", conda_environment
+        )
+        self.cpus_to_use = _check_int("cpus_to_use", cpus_to_use)
+        if isinstance(ram_gb, bool) or not isinstance(ram_gb, (int, float)) or not ram_gb > 0:
+            raise UsageError(f"ram_gb must be a positive number of gigabytes, not {ram_gb!r}")
+        self.ram_gb = ram_gb
+        self.time_limit = _check_int("time_limit (minutes)", time_limit)
+        self.partition = None if partition is None else _check_text("partition", partition)
+        self.account = None if account is None else _check_text("account", account)
+        self.qos = None if qos is None else _check_text("qos", qos)
+        if gpus is not None and not isinstance(gpus, str):
+            gpus = _check_int("gpus", gpus)
+        self.gpus = None if gpus is None else _check_text("gpus", str(gpus))
+        self.nodes = None if nodes is None else _check_int("nodes", nodes)
+        if array is not None and not _ARRAY_RE.match(_check_text("array", array)):
+            raise UsageError(f"array {array!r} is not a SLURM array spec such as '1-10', '0-15:4' or '1,3,5%2'")
+        self.array = array
+        if dependency is not None and not isinstance(dependency, str):
+            dependency = "afterok:" + ":".join(str(job_id) for job_id in dependency)
+        if dependency is not None and not _DEPENDENCY_RE.match(_check_text("dependency", dependency)):
+            raise UsageError(f"dependency {dependency!r} is not a SLURM dependency such as 'afterok:123:124'")
+        self.dependency = dependency
+        self.environment = dict(environment or {})
+        for name, value in self.environment.items():
+            if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+                raise UsageError(f"environment variable name {name!r} is not a valid shell name")
+            _check_text(f"environment variable {name}", value, allow_empty=True)
+        self.sbatch_options = _normalize_sbatch_options(sbatch_options)
+        self.commands: list[str] = []
+        self.job_id: str | None = None
+
+    def add_command(self, command: str) -> None:
+        """Append one shell line, verbatim, to the commands the job runs."""
+        self.commands.append(_check_text("a command", command))
+
+    @property
+    def script(self) -> str:
+        """The whole bash script sbatch receives."""
+        return render_job_script(self)
+
+    def __repr__(self) -> str:
+        return f"Job(job_name={self.job_name!r}, job_id={self.job_id!r}, working_directory={self.working_directory!r})"
+
+
+def _mem_option(ram_gb: float) -> str:
+    if float(ram_gb).is_integer():
+        return f"{int(ram_gb)}G"
+    return f"{max(1, round(ram_gb * 1024))}M"
+
+
+def render_sbatch_header(job: Job) -> list[str]:
+    """The ``#SBATCH`` lines of a job, every value quoted for SLURM's own parser."""
+    options: list[tuple[str, str | int | None]] = [
+        ("job-name", job.job_name),
+        ("output", job.output_log),
+        ("error", job.error_log),
+        ("chdir", job.working_directory),
+        ("cpus-per-task", job.cpus_to_use),
+        ("mem", _mem_option(job.ram_gb)),
+        ("time", job.time_limit),
+        ("partition", job.partition),
+        ("account", job.account),
+        ("qos", job.qos),
+        ("gpus", job.gpus),
+        ("nodes", job.nodes),
+        ("array", job.array),
+        ("dependency", job.dependency),
+    ]
+    lines = [f"#SBATCH --{name}={sbatch_quote(str(value))}" for name, value in options if value is not None]
+    for option in job.sbatch_options:
+        name, sep, value = option.partition("=")
+        lines.append(f"#SBATCH {name}{sep}{sbatch_quote(value)}" if sep else f"#SBATCH {name}")
+    return lines
+
+
+def render_exit_record() -> list[str]:
+    """Shell lines that make a job write its exit code into ``.sl-forgery/ID.exit`` under the directory it starts in.
+
+    ``wait`` notices the end of a job from this file within a second, and statuses stay right on clusters without
+    accounting. POSIX sh, so that it also fits a user's own ``#!/bin/sh`` script.
+    """
+    job_ref = '${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}'
+    return [
+        f'__slf_record="$PWD/{REMOTE_RECORD_DIR}/{job_ref}.exit"',
+        "trap '__slf_rc=$?; mkdir -p \"${__slf_record%/*}\" && printf \"%s\\n\" \"$__slf_rc\" "
+        "> \"$__slf_record.tmp\" && mv -f \"$__slf_record.tmp\" \"$__slf_record\"; exit $__slf_rc' EXIT",
+    ]
+
+
+def render_conda_activation(environment: str) -> list[str]:
+    """Activate a conda environment the way conda's own shell hook does it, never through ``conda init``."""
+    quoted = shlex.quote(environment)
+    return [
+        '__slf_hook="$(conda shell.bash hook)" || '
+        '{ echo "sl-forgery: conda is not available on $(hostname) (\'conda shell.bash hook\' failed)" >&2; exit 1; }',
+        'eval "$__slf_hook"',
+        f"conda activate {quoted} || "
+        f'{{ echo "sl-forgery: cannot activate conda environment" {quoted} "on $(hostname)" >&2; exit 1; }}',
+    ]
+
+
+def render_job_script(job: Job) -> str:
+    """The bash script of a job: header, exit record, variables, conda activation, then the commands."""
+    lines = ["#!/bin/bash", *render_sbatch_header(job), "", *render_exit_record(), "set -e"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in job.environment.items()]
+    if job.conda_environment is not None:
+        lines += render_conda_activation(job.conda_environment)
+    lines += ["", *job.commands, ""]
+    return "\n".join(lines)
+
+
+def inject_exit_record(script: str) -> str:
+    """Add the exit record to a user's own shell script, after its ``#SBATCH`` block (sbatch stops reading
+    directives at the first command). Scripts that are not sh or bash are returned unchanged.
+
+    >>> inject_exit_record("#!/usr/bin/env python3\\nprint(1)\\n")
+    '#!/usr/bin/env python3\\nprint(1)\\n'
+    """
+    lines = script.splitlines()
+    if not lines or not re.match(r"^#!\s*\S*/(env\s+)?(ba)?sh\b", lines[0]):
+        return script
+    position = 1
+    while position < len(lines) and (lines[position].startswith("#") or not lines[position].strip()):
+        position += 1
+    lines[position:position] = render_exit_record()
+    return "\n".join(lines) + "\n"
+
+
+def script_job_name(script: str) -> str | None:
+    """The ``--job-name`` (or ``-J``) a script sets for itself, if any."""
+    for line in script.splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        match = re.match(r"^#SBATCH\s+(?:--job-name[= ]|-J\s*)(\S+)", line)
+        if match:
+            return match.group(1)
+    return None
+
+
+def parse_sbatch_id(stdout: str) -> str:
+    """The job id from ``sbatch --parsable`` output (``ID`` or ``ID;cluster``), strictly.
+
+    >>> parse_sbatch_id("1234\\n")
+    '1234'
+    >>> parse_sbatch_id("77;cluster\\n")
+    '77'
+    """
+    match = re.fullmatch(r"\s*([0-9]+)(;[\w.-]+)?\s*", stdout)
+    if not match:
+        raise ValueError(f"sbatch printed {stdout!r}, not a job id")
+    return match.group(1)
+
+
+class JobStatus(enum.Enum):
+    """Every state SLURM reports for a job, plus UNKNOWN for a job no scheduler command knows."""
+
+    PENDING = "PENDING"
+    CONFIGURING = "CONFIGURING"
+    RUNNING = "RUNNING"
+    SUSPENDED = "SUSPENDED"
+    COMPLETING = "COMPLETING"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    NODE_FAIL = "NODE_FAIL"
+    PREEMPTED = "PREEMPTED"
+    BOOT_FAIL = "BOOT_FAIL"
+    DEADLINE = "DEADLINE"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    REQUEUED = "REQUEUED"
+    REQUEUE_FED = "REQUEUE_FED"
+    REQUEUE_HOLD = "REQUEUE_HOLD"
+    RESIZING = "RESIZING"
+    RESV_DEL_HOLD = "RESV_DEL_HOLD"
+    REVOKED = "REVOKED"
+    SIGNALING = "SIGNALING"
+    SPECIAL_EXIT = "SPECIAL_EXIT"
+    STAGE_OUT = "STAGE_OUT"
+    STOPPED = "STOPPED"
+    POWER_UP_NODE = "POWER_UP_NODE"
+    UPDATE_DB = "UPDATE_DB"
+    LAUNCH_FAILED = "LAUNCH_FAILED"
+    UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def parse(cls, text: str) -> JobStatus:
+        """A state as squeue or sacct prints it: ``CANCELLED by 1000`` is CANCELLED, ``OUT_OF_ME+`` is not known.
+
+        >>> JobStatus.parse("CANCELLED by 1000")
+        <JobStatus.CANCELLED: 'CANCELLED'>
+        """
+        word = text.strip().split(" ")[0].upper() if text.strip() else ""
+        try:
+            return cls(word)
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def is_finished(self) -> bool:
+        """The job will not run again by itself."""
+        return self in _FINISHED_STATES
+
+    @property
+    def is_success(self) -> bool:
+        return self is JobStatus.COMPLETED
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_FINISHED_STATES = frozenset({
+    JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.NODE_FAIL,
+    JobStatus.PREEMPTED, JobStatus.BOOT_FAIL, JobStatus.DEADLINE, JobStatus.OUT_OF_MEMORY, JobStatus.REVOKED,
+    JobStatus.SPECIAL_EXIT, JobStatus.LAUNCH_FAILED,
+})
+# When the tasks of an array end differently, the array reads as the first of these that any task has.
+_SEVERITY = [
+    JobStatus.FAILED, JobStatus.OUT_OF_MEMORY, JobStatus.TIMEOUT, JobStatus.NODE_FAIL, JobStatus.BOOT_FAIL,
+    JobStatus.LAUNCH_FAILED, JobStatus.DEADLINE, JobStatus.PREEMPTED, JobStatus.CANCELLED, JobStatus.REVOKED,
+    JobStatus.SPECIAL_EXIT, JobStatus.COMPLETED,
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+    """What the scheduler (or the job's own exit record) says about one job."""
+
+    job_id: str
+    status: JobStatus
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+    name: str = ""
+    node: str = ""
+    source: str = ""  # squeue, sacct, record or none: where the answer came from
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "state": self.status.value, "finished": self.status.is_finished,
+            "exit_code": self.exit_code, "signal": self.signal, "reason": self.reason, "name": self.name,
+            "node": self.node,
+        }
+
+
+def parse_exit_code(text: str) -> tuple[int | None, int | None]:
+    """sacct's ``ExitCode`` (``3:0``) as (exit code, signal).
+
+    >>> parse_exit_code("3:0")
+    (3, 0)
+    >>> parse_exit_code("")
+    (None, None)
+    """
+    match = re.fullmatch(r"\s*([0-9]+):([0-9]+)\s*", text)
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
+
+
+SQUEUE_FORMAT = "%i|%T|%r|%j|%N"
+SACCT_FIELDS = "JobID,State,ExitCode,Reason,JobName,NodeList"
+
+
+def _split_rows(stdout: str, fields: int) -> Iterable[list[str]]:
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        # Names may contain the separator; they sit before the last field, so split from both ends.
+        head = line.split("|", 3)
+        if len(head) < 4:
+            continue
+        rest = head[3].rsplit("|", fields - 4)
+        yield head[:3] + rest
+
+
+def parse_squeue(stdout: str) -> dict[str, JobInfo]:
+    """Rows of ``squeue -h -o '%i|%T|%r|%j|%N'``, keyed by job id (``123`` or ``123_4``)."""
+    result = {}
+    for job_id, state, reason, name, node in _split_rows(stdout, 5):
+        reason = "" if reason == "None" else reason
+        result[job_id] = JobInfo(job_id, JobStatus.parse(state), reason=reason, name=name, node=node, source="squeue")
+    return result
+
+
+def parse_sacct(stdout: str) -> dict[str, JobInfo]:
+    """Rows of ``sacct -X -n -P -o JobID,State,ExitCode,Reason,JobName,NodeList``, keyed by job id."""
+    result = {}
+    for job_id, state, exit_text, rest in (row[:3] + ["|".join(row[3:])] for row in _split_rows(stdout, 6)):
+        reason, _, tail = rest.partition("|")
+        name, _, node = tail.rpartition("|")
+        code, signal = parse_exit_code(exit_text)
+        reason = "" if reason == "None" else reason
+        result[job_id] = JobInfo(job_id, JobStatus.parse(state), code, signal, reason, name, node, "sacct")
+    return result
+
+
+def parse_exit_records(stdout: str) -> dict[str, int]:
+    """Lines ``ID RC`` printed by the status query and the watcher for jobs whose exit record exists."""
+    records = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            records[parts[0]] = int(parts[1])
+    return records
+
+
+def _task_rows(job_id: str, rows: Mapping[str, JobInfo]) -> list[JobInfo]:
+    if job_id in rows:
+        return [rows[job_id]]
+    return [info for key, info in rows.items() if key.startswith(job_id + "_")]
+
+
+def _combine_tasks(job_id: str, tasks: list[JobInfo]) -> JobInfo:
+    if len(tasks) == 1:
+        return dataclasses.replace(tasks[0], job_id=job_id)
+    live = [task for task in tasks if not task.status.is_finished]
+    if live:
+        running = [task for task in live if task.status is JobStatus.RUNNING]
+        chosen = running[0] if running else live[0]
+    else:
+        chosen = min(tasks, key=lambda task: _SEVERITY.index(task.status) if task.status in _SEVERITY else 99)
+    codes = [task.exit_code for task in tasks if task.exit_code is not None]
+    return dataclasses.replace(chosen, job_id=job_id, exit_code=max(codes) if codes else None)
+
+
+def merge_job_info(
+    job_ids: Sequence[str],
+    squeue_rows: Mapping[str, JobInfo],
+    sacct_rows: Mapping[str, JobInfo] | None,
+    exit_records: Mapping[str, int],
+    recent_ids: frozenset[str] = frozenset(),
+) -> dict[str, JobInfo]:
+    """Decide each job's state from what squeue, sacct (None when accounting is unavailable) and the exit records say.
+
+    squeue is the authority while a job lives; a finished state from either command wins over a live one (sacct
+    lags the end by seconds); the exit record supplies the exit code, or the whole answer without accounting.
+    """
+    result = {}
+    for job_id in job_ids:
+        live = _task_rows(job_id, squeue_rows)
+        accounted = _task_rows(job_id, sacct_rows or {})
+        queue_info = _combine_tasks(job_id, live) if live else None
+        account_info = _combine_tasks(job_id, accounted) if accounted else None
+        record = exit_records.get(job_id)
+        info: JobInfo | None
+        if account_info and account_info.status.is_finished:
+            info = account_info
+        elif queue_info:
+            info = queue_info
+        else:
+            info = account_info
+        if info is None and record is not None:
+            status = JobStatus.COMPLETED if record == 0 else JobStatus.FAILED
+            info = JobInfo(job_id, status, record, 0, source="record")
+        if info is None:
+            status = JobStatus.PENDING if job_id in recent_ids else JobStatus.UNKNOWN
+            info = JobInfo(job_id, status, source="none")
+        if info.exit_code is None and record is not None and info.status.is_finished:
+            info = dataclasses.replace(info, exit_code=record)
+        result[job_id] = info
+    return result
+
+
+def normalize_job_id(job_id: object) -> str:
+    """A job id as SLURM prints it: ``123`` or an array task ``123_4``.
+
+    >>> normalize_job_id(42)
+    '42'
+    """
+    text = str(job_id).strip()
+    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", text):
+        raise UsageError(f"{job_id!r} is not a SLURM job id (expected a number such as 1234, or 1234_5)")
+    return text
+
+
+def expand_log_pattern(path: str, job_id: str, job_name: str = "", user: str = "") -> str:
+    """Resolve SLURM's filename patterns (``%j``, ``%x``, ``%u``, ``%A``, ``%a``, ``%%``) in a log path.
+
+    >>> expand_log_pattern("/logs/%x-%j.out", "12", "fit")
+    '/logs/fit-12.out'
+    """
+    base, _, task = job_id.partition("_")
+    values = {"j": job_id if not task else base, "x": job_name, "u": user, "A": base, "a": task, "%": "%"}
+    return re.sub(r"%(\d*)([jxuAa%])", lambda m: values[m.group(2)].zfill(int(m.group(1) or 0)), path)
+
+
+def exit_record_path(working_directory: str, job_id: str) -> str:
+    return str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{job_id}.exit"))
+
+
+def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]) -> str:
+    """One remote shell command that asks squeue and sacct about every job and prints any exit records.
+
+    Sections are separated by lines holding only ``@@``; each command's exit code follows its section.
+    """
+    ids = ",".join(sorted({job_id.split("_")[0] for job_id in job_ids}))
+    parts = [
+        f"squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo \"@@ $?\"",
+        f"sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo \"@@ $?\"",
+    ]
+    for job_id, path in record_paths.items():
+        quoted = shlex.quote(path)
+        parts.append(f"if [ -f {quoted} ]; then printf '%s %s\\n' {job_id} \"$(cat {quoted})\"; fi")
+    return "; ".join(parts)
+
+
+def parse_status_query(stdout: str) -> tuple[str, int, str, int, str]:
+    """Split the output of `status_query_command` into (squeue output, rc, sacct output, rc, exit records)."""
+    sections = re.split(r"^@@ (\d+)\n", stdout, flags=re.MULTILINE)
+    if len(sections) < 5:
+        raise ValueError(f"unexpected status output: {stdout[:200]!r}")
+    return sections[0], int(sections[1]), sections[2], int(sections[3]), sections[4]
+
+
+def watcher_command(record_paths: Mapping[str, str]) -> str:
+    """A remote bash loop that prints ``ID RC`` as each exit record appears: cheap stat calls on the server, no
+    scheduler query. A ``.`` heartbeat lets it die of SIGPIPE soon after its client goes away."""
+    pairs = " ".join(f"[{job_id}]={shlex.quote(path)}" for job_id, path in record_paths.items())
+    script = (
+        f"declare -A left=({pairs}); beat=0\n"
+        "while ((${#left[@]})); do\n"
+        '  for id in "${!left[@]}"; do p=${left[$id]}\n'
+        '    if [[ -f $p ]]; then printf "%s %s\\n" "$id" "$(<"$p")"; unset "left[$id]"; fi\n'
+        "  done\n"
+        "  ((${#left[@]})) || break\n"
+        f"  sleep 0.5; beat=$((beat + 1)); if ((beat >= {WATCHER_HEARTBEAT * 2})); then echo .; beat=0; fi\n"
+        "done\n"
+    )
+    return shlex.join(["bash", "-c", script])
+
+
+def submit_command(script_path: str, directories: Iterable[str], sbatch_args: Sequence[str]) -> str:
+    """Remote command: create directories, write the script from stdin, sbatch it; on refusal remove the script."""
+    quoted_script = shlex.quote(script_path)
+    mkdirs = shlex.join(["mkdir", "-p", *sorted(set(directories))])
+    sbatch = shlex.join(["sbatch", "--parsable", *sbatch_args, script_path])
+    return (
+        f"{mkdirs} && cat > {quoted_script} && chmod 700 {quoted_script} && "
+        f"{{ {sbatch} || {{ rc=$?; rm -f {quoted_script}; exit $rc; }}; }}"
+    )
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An aligned plain-text table."""
+    cells = [[str(value) for value in row] for row in rows]
+    widths = [max([len(headers[i])] + [len(row[i]) for row in cells]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``3d`` as seconds.
+
+    >>> parse_duration("15m")
+    900.0
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise UsageError(f"{text!r} is not a duration such as 90, 90s, 15m, 2h or 3d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+# ======================================================================================================================
+# Local state: config file, job history, keyring, legacy credentials
+# ======================================================================================================================
+
+
+def _xdg_dir(variable: str, fallback: str) -> Path:
+    value = os.environ.get(variable)
+    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
+
+
+def config_path() -> Path:
+    override = os.environ.get("SL_FORGERY_CONFIG")
+    if override:
+        return Path(override)
+    return _xdg_dir("XDG_CONFIG_HOME", ".config") / APP_NAME / "servers.yaml"
+
+
+def state_dir() -> Path:
+    return _xdg_dir("XDG_STATE_HOME", ".local/state") / APP_NAME
+
+
+def control_dir() -> Path:
+    """A short private directory for ControlMaster sockets (socket paths are limited to about 104 bytes)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and len(runtime) < 40 and os.path.isdir(runtime) else Path("/tmp")
+    return base / f"slf-{os.getuid()}"
+
+
+def _private_dir(path: Path) -> Path:
+    """Create a 0700 directory, or check that an existing one is ours and private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to another user; remove it or set XDG_RUNTIME_DIR to a private directory")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write a file with mode 0600 in a 0700 directory, atomically, so that a crash never leaves half a file."""
+    _private_dir(path.parent)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+PROFILE_KEYS = {
+    "host": "host name, IP address or ~/.ssh/config Host alias",
+    "user": "user name on the server (default: from ~/.ssh/config or your local name)",
+    "port": "SSH port",
+    "identity_file": "private key file",
+    "ssh_config": "an ssh config file to use instead of ~/.ssh/config",
+    "ssh_options": "extra ssh -o options, e.g. [ProxyJump=gateway]",
+    "password_in_keyring": "true when the password is stored in the OS keyring",
+    "storage_root": "slow storage root on the server",
+    "working_root": "fast working root on the server",
+    "shared_directory_name": "shared lab directory under the roots",
+    "conda_environment": "default conda environment for jobs",
+    "partition": "default partition",
+    "account": "default account",
+    "control_persist": "seconds an idle connection stays open",
+}
+
+
+@dataclasses.dataclass
+class Profile:
+    """How to reach one server, and its defaults. Never holds a secret."""
+
+    name: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    ssh_config: str | None = None
+    ssh_options: list[str] = dataclasses.field(default_factory=list)
+    password_in_keyring: bool = False
+    storage_root: str | None = None
+    working_root: str | None = None
+    shared_directory_name: str | None = None
+    conda_environment: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    control_persist: int = DEFAULT_CONTROL_PERSIST
+    legacy_credentials: str | None = None  # a legacy file that still holds a plaintext password
+
+    @property
+    def keyring_account(self) -> str:
+        """The keyring entry name for this server's password: ``user@host:port``."""
+        return f"{self.user or ''}@{self.host}:{self.port or DEFAULT_PORT}"
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = {}
+        for key in PROFILE_KEYS:
+            value = getattr(self, key)
+            default = Profile.__dataclass_fields__[key].default
+            if value not in (None, [], False) and value != default:
+                data[key] = value
+        return data
+
+
+@dataclasses.dataclass
+class Config:
+    """The servers file: named profiles and which one is the default."""
+
+    path: Path
+    servers: dict[str, Profile] = dataclasses.field(default_factory=dict)
+    default: str | None = None
+
+    def profile(self, name: str | None = None) -> Profile:
+        name = name or os.environ.get("SL_FORGERY_SERVER") or self.default
+        if not name:
+            if not self.servers:
+                raise ConfigError(
+                    f"no server is configured in {self.path}; add one with "
+                    "'sl-forgery server add NAME --host HOST --user USER'"
+                )
+            raise ConfigError(f"no default server in {self.path}; pass --server NAME or run 'sl-forgery server default NAME'")
+        if name not in self.servers:
+            known = ", ".join(sorted(self.servers)) or "none"
+            raise ConfigError(f"no server named {name!r} in {self.path} (known: {known}); add it with 'sl-forgery server add'")
+        return self.servers[name]
+
+    def dump(self) -> str:
+        import yaml
+
+        data: dict[str, Any] = {}
+        if self.default:
+            data["default"] = self.default
+        data["servers"] = {name: profile.to_yaml_dict() for name, profile in sorted(self.servers.items())}
+        return "# sl-forgery servers; no secrets here (passwords live in the OS keyring)\n" + yaml.safe_dump(
+            data, sort_keys=False, default_flow_style=False
+        )
+
+    def save(self) -> None:
+        write_private_file(self.path, self.dump())
+
+
+def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line numbers (1-based) of every mapping key, by its path, for error messages."""
+    import yaml
+
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*prefix, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    return lines
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the servers file; any problem is a one-line `ConfigError` naming the file, the line and the fix."""
+    import yaml
+
+    path = path or config_path()
+    if not path.exists():
+        return Config(path)
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ConfigError(f"{path} is readable by other users (mode {oct(mode & 0o777)}); run 'chmod 600 {path}'")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+        key_lines = _yaml_key_lines(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); fix the file or move it away") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping with 'servers:' and 'default:'")
+
+    def fail(key_path: tuple[str, ...], message: str) -> ConfigError:
+        line = key_lines.get(key_path)
+        return ConfigError(f"{path}{f':{line}' if line else ''}: {message}")
+
+    for key in data:
+        if key not in ("servers", "default"):
+            raise fail((key,), f"unknown key {key!r} (expected 'servers' and 'default')")
+    servers_data = data.get("servers") or {}
+    if not isinstance(servers_data, dict):
+        raise fail(("servers",), "'servers' must be a mapping of server names to settings")
+    config = Config(path, default=data.get("default"))
+    for name, settings in servers_data.items():
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise fail(("servers", name), f"server {name!r} must be a mapping of settings")
+        for key in settings:
+            if key not in PROFILE_KEYS:
+                raise fail(("servers", name, key), f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})")
+        if "password" in settings:
+            raise fail(("servers", name, "password"), "passwords do not belong in this file; use 'sl-forgery server add --password'")
+        if not settings.get("host"):
+            raise fail(("servers", name), f"server {name!r} has no 'host'")
+        try:
+            profile = Profile(name=str(name), **settings)
+            if profile.port is not None:
+                profile.port = _check_int("port", profile.port)
+            if not isinstance(profile.ssh_options, list):
+                raise UsageError("ssh_options must be a list such as [ProxyJump=gateway]")
+        except (TypeError, UsageError) as error:
+            raise fail(("servers", name), f"server {name!r}: {error}") from None
+        config.servers[str(name)] = profile
+    if config.default is not None and config.default not in config.servers:
+        raise fail(("default",), f"default server {config.default!r} is not defined under 'servers'")
+    return config
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """What this machine remembers of a submitted job, so that later commands know it without the terminal."""
+
+    job_id: str
+    server: str
+    name: str
+    working_directory: str
+    output_log: str
+    error_log: str
+    submitted: float
+    user: str = ""
+
+    def log_path(self, error: bool = False) -> str:
+        return expand_log_pattern(self.error_log if error else self.output_log, self.job_id, self.name, self.user)
+
+
+def history_path() -> Path:
+    return state_dir() / "jobs.jsonl"
+
+
+def record_job(record: JobRecord) -> None:
+    path = history_path()
+    _private_dir(path.parent)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+
+def load_job_records(server: str | None = None) -> dict[str, JobRecord]:
+    """Every remembered job (for one server), by id; the latest record of an id wins."""
+    records: dict[str, JobRecord] = {}
+    try:
+        lines = history_path().read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return records
+    fields = set(JobRecord.__dataclass_fields__)
+    for line in lines:
+        try:
+            data = json.loads(line)
+            record = JobRecord(**{key: value for key, value in data.items() if key in fields})
+        except (ValueError, TypeError):
+            continue
+        if server is None or record.server == server:
+            records[record.job_id] = record
+    return records
+
+
+_INSECURE_BACKENDS = ("keyring.backends.fail", "keyring.backends.null", "keyrings.alt")
+
+
+def secure_keyring() -> Any:
+    """The keyring backend, refusing one that would not keep a password safe."""
+    import keyring
+
+    backend = keyring.get_keyring()
+    backends = getattr(backend, "backends", None)
+    candidates = backends if backends is not None else [backend]
+    if not candidates or all(type(b).__module__.startswith(_INSECURE_BACKENDS) for b in candidates):
+        raise CredentialError(
+            f"no secure keyring is available (found {type(backend).__module__}.{type(backend).__name__}); "
+            "use an SSH key ('sl-forgery server setup-key NAME'), or install a Secret Service (gnome-keyring, "
+            "KeePassXC) or macOS Keychain backend"
+        )
+    return backend
+
+
+def store_password(account: str, password: str) -> None:
+    if not password:
+        raise CredentialError("the password is empty; nothing was stored")
+    backend = secure_keyring()
+    try:
+        backend.set_password(KEYRING_SERVICE, account, password)
+    except Exception as error:  # keyring raises backend-specific errors
+        raise CredentialError(f"the keyring refused to store the password for {account}: {type(error).__name__}") from None
+
+
+def get_password(account: str) -> str | None:
+    import keyring
+
+    try:
+        return keyring.get_password(KEYRING_SERVICE, account)
+    except Exception:  # a locked or absent keyring is the same as no password here
+        return None
+
+
+def delete_password(account: str) -> bool:
+    import keyring
+    import keyring.errors
+
+    try:
+        keyring.delete_password(KEYRING_SERVICE, account)
+        return True
+    except keyring.errors.PasswordDeleteError:
+        return False
+    except Exception:
+        return False
+
+
+LEGACY_FIELDS = (
+    "username", "password", "host", "storage_root", "working_root", "shared_directory_name",
+    "raw_data_root", "processed_data_root", "user_data_root", "user_working_root",
+)
+_warned_plaintext: set[str] = set()
+
+
+def read_legacy_credentials(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"credentials file {path} does not exist; create it with 'sl-create-server-credentials'") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML; recreate it with 'sl-create-server-credentials'") from None
+    if not isinstance(data, dict) or not data.get("host") or not data.get("username"):
+        raise ConfigError(f"{path} is not a server credentials file (it needs at least 'host' and 'username')")
+    unknown = set(data) - set(LEGACY_FIELDS) - {"port"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} in a server credentials file")
+    return data
+
+
+def profile_from_legacy(path: Path, name: str | None = None) -> Profile:
+    """A profile for an original ``server_credentials.yaml``; a plaintext password in it still works, with a
+    warning, and reaches ssh through the askpass helper, which reads it from that same file."""
+    data = read_legacy_credentials(path)
+    profile = Profile(
+        name=name or str(data["host"]),
+        host=str(data["host"]),
+        user=str(data["username"]),
+        port=int(data["port"]) if data.get("port") else None,
+        storage_root=data.get("storage_root"),
+        working_root=data.get("working_root"),
+        shared_directory_name=data.get("shared_directory_name"),
+    )
+    if data.get("password"):
+        profile.legacy_credentials = str(Path(path).resolve())
+        if profile.legacy_credentials not in _warned_plaintext:
+            _warned_plaintext.add(profile.legacy_credentials)
+            print(
+                f"{APP_NAME}: warning: {path} holds a plaintext password; move it into the OS keyring with "
+                f"'sl-forgery server import {path}'",
+                file=sys.stderr,
+            )
+    else:
+        profile.password_in_keyring = True
+    return profile
+
+
+def write_legacy_credentials(path: Path, fields: Mapping[str, Any]) -> None:
+    """Write a ``server_credentials.yaml`` in the original layout, without any password."""
+    import yaml
+
+    data = {key: fields[key] for key in LEGACY_FIELDS if key != "password" and fields.get(key) is not None}
+    write_private_file(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def legacy_derived_roots(username: str, storage_root: str, working_root: str, shared: str) -> dict[str, str]:
+    """The four roots the original derived from the storage and working roots."""
+    return {
+        "raw_data_root": str(PurePosixPath(storage_root, shared)),
+        "processed_data_root": str(PurePosixPath(working_root, shared)),
+        "user_data_root": str(PurePosixPath(storage_root, username)),
+        "user_working_root": str(PurePosixPath(working_root, username)),
+    }
+
+
+def import_legacy_credentials(path: Path, name: str | None, config: Config) -> Profile:
+    """Move a legacy file's password into the keyring, add a profile, and rewrite the file without the password
+    (after a backup that keeps the original's mode)."""
+    data = read_legacy_credentials(path)
+    profile = profile_from_legacy(path, name)
+    profile.legacy_credentials = None
+    if data.get("password"):
+        store_password(profile.keyring_account, str(data["password"]))
+    profile.password_in_keyring = True
+    config.servers[profile.name] = profile
+    config.default = config.default or profile.name
+    config.save()
+    if data.get("password"):
+        backup = path.with_name(path.name + ".bak")
+        original = path.read_bytes()
+        descriptor = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path.stat().st_mode & 0o777)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(original)
+        rest = {key: value for key, value in data.items() if key != "password"}
+        write_legacy_credentials(path, rest)
+    return profile
+
+
+# ======================================================================================================================
+# Transport: one OpenSSH ControlMaster per server, every call riding it
+# ======================================================================================================================
+
+ASKPASS_ACCOUNT_VARIABLE = "SL_FORGERY_ASKPASS_ACCOUNT"
+ASKPASS_FILE_VARIABLE = "SL_FORGERY_ASKPASS_CREDENTIALS"
+
+
+def askpass_main(argv: Sequence[str] | None = None) -> int:
+    """The SSH_ASKPASS helper: answers a password prompt from the keyring (or a legacy credentials file), asks a
+    person on the terminal for anything else they alone can answer (2FA), and refuses host-key confirmations."""
+    prompt = (argv if argv is not None else sys.argv[1:] or [""])[0] if (argv or sys.argv[1:]) else ""
+    if "authenticity of host" in prompt or "(yes/no" in prompt or "fingerprint" in prompt.lower():
+        print(f"{APP_NAME}: refusing to confirm an unknown host key; accept it with plain ssh first", file=sys.stderr)
+        return 1
+    if re.search(r"password:\s*$", prompt, re.IGNORECASE):
+        secret = None
+        account = os.environ.get(ASKPASS_ACCOUNT_VARIABLE)
+        legacy = os.environ.get(ASKPASS_FILE_VARIABLE)
+        if legacy:
+            secret = read_legacy_credentials(Path(legacy)).get("password")
+        elif account:
+            secret = get_password(account)
+        if secret:
+            sys.stdout.write(str(secret) + "\n")
+            return 0
+        return 1
+    try:
+        with open("/dev/tty", "r+") as tty:
+            import getpass
+
+            return _answer_on_tty(tty, prompt, getpass)
+    except OSError:
+        return 1
+
+
+def _answer_on_tty(tty: Any, prompt: str, getpass: Any) -> int:
+    answer = getpass.getpass(prompt, stream=tty)
+    sys.stdout.write(answer + "\n")
+    return 0
+
+
+def _run(argv: Sequence[str], *, input_text: str | None = None, timeout: float | None, env: Mapping[str, str] | None = None,
+         stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> subprocess.CompletedProcess:
+    """Run a program without a shell; on timeout, SIGTERM first and SIGKILL only if it will not stop."""
+    process = subprocess.Popen(
+        list(argv), stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL, stdout=stdout,
+        stderr=stderr, text=True, env=dict(env) if env is not None else None, start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(input_text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            out, err = process.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        raise SSHError(argv, -15, out or "", (err or "") + f"\ntimed out after {timeout:g} s", what=Path(argv[0]).name) from None
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(argv, process.returncode, out or "", err or "")
+
+
+class SSHConnection:
+    """One server reached through OpenSSH: an explicit ControlMaster, and every call multiplexed over it.
+
+    A call never falls back to a connection of its own: calls carry a ProxyCommand that cannot connect, which
+    OpenSSH only uses when the master is gone. Then the master is restarted once, and the call repeated (it never
+    reached the server).
+    """
+
+    def __init__(self, profile: Profile, *, timeout: float = DEFAULT_CALL_TIMEOUT, verbose: bool = False) -> None:
+        self.profile = profile
+        self.timeout = timeout
+        self.verbose = verbose
+        self.control_path = str(control_dir() / "%C")
+        self.master_starts = 0
+
+    # -- argv -----------------------------------------------------------------------------------------------------
+
+    def _target_args(self, for_scp: bool = False) -> list[str]:
+        profile = self.profile
+        args = []
+        if profile.ssh_config:
+            args += ["-F", profile.ssh_config]
+        if profile.port:
+            args += ["-P" if for_scp else "-p", str(profile.port)]
+        if profile.user:
+            args += ["-o", f"User={profile.user}"] if for_scp else ["-l", profile.user]
+        if profile.identity_file:
+            args += ["-i", os.path.expanduser(profile.identity_file)]
+        for option in profile.ssh_options:
+            args += ["-o", option]
+        return args
+
+    @staticmethod
+    def _guard_args() -> list[str]:
+        """Options that stop a call from opening a connection of its own when the master is gone."""
+        return ["-o", "ControlMaster=no", "-o", "ProxyCommand=false"]
+
+    def _mux_args(self) -> list[str]:
+        return ["-o", f"ControlPath={self.control_path}"]
+
+    def ssh_argv(self, command: str | None, *, extra: Sequence[str] = ()) -> list[str]:
+        """Argv of one call over the master (``command`` is a single remote shell string)."""
+        argv = ["ssh", *self._guard_args(), *self._mux_args(), *self._target_args(), "-T", *extra, "--", self.profile.host]
+        if command is not None:
+            argv.append(command)
+        return argv
+
+    def _master_argv(self) -> list[str]:
+        return [
+            "ssh", "-M", "-N", "-f", "-o", "ControlMaster=yes", *self._mux_args(),
+            "-o", f"ControlPersist={self.profile.control_persist}",
+            "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}", "-o", "ServerAliveCountMax=3",
+            "-o", "ConnectTimeout=20", "-o", "NumberOfPasswordPrompts=1",
+            *self._target_args(), "--", self.profile.host,
+        ]
+
+    def _control_argv(self, operation: str, *extra: str) -> list[str]:
+        return ["ssh", *self._mux_args(), *self._target_args(), "-O", operation, *extra, "--", self.profile.host]
+
+    def _log(self, argv: Sequence[str]) -> None:
+        if self.verbose:
+            print("+ " + shlex.join(argv), file=sys.stderr)
+
+    def _askpass_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in (ASKPASS_ACCOUNT_VARIABLE, ASKPASS_FILE_VARIABLE):
+            env.pop(name, None)
+        if self.profile.legacy_credentials:
+            env[ASKPASS_FILE_VARIABLE] = self.profile.legacy_credentials
+        elif self.profile.password_in_keyring:
+            env[ASKPASS_ACCOUNT_VARIABLE] = self.profile.keyring_account
+        else:
+            return env
+        env["SSH_ASKPASS"] = self._askpass_helper()
+        env["SSH_ASKPASS_REQUIRE"] = "force"
+        env.setdefault("DISPLAY", ":0")
+        return env
+
+    def _askpass_helper(self) -> str:
+        helper = _private_dir(control_dir()) / "askpass"
+        module_dir = os.path.dirname(os.path.abspath(__file__))
+        text = (
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {module_dir!r})\n"
+            "import sl_forgery\nsys.exit(sl_forgery.askpass_main())\n"
+        )
+        if not helper.exists() or helper.read_text() != text:
+            write_private_file(helper, text)
+            helper.chmod(0o700)
+        return str(helper)
+
+    # -- master ---------------------------------------------------------------------------------------------------
+
+    def is_connected(self) -> bool:
+        argv = self._control_argv("check")
+        return _run(argv, timeout=10).returncode == 0
+
+    def connect(self) -> bool:
+        """Start the master unless one is running; True when this call started it."""
+        _private_dir(control_dir())
+        if self.is_connected():
+            return False
+        argv = self._master_argv()
+        self._log(argv)
+        log_path = control_dir() / f"master-{os.getpid()}.log"
+        with open(log_path, "w+", encoding="utf-8", errors="replace") as log:
+            # The master keeps the stderr it is given; a pipe would make us wait for it to exit.
+            try:
+                result = _run(argv, timeout=self.timeout, env=self._askpass_env(), stdout=subprocess.DEVNULL, stderr=log)
+            finally:
+                log.seek(0)
+                message = log.read()
+        log_path.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise SSHError(argv, result.returncode, "", message, what=f"ssh to {self.describe()}")
+        self.master_starts += 1
+        return True
+
+    def disconnect(self) -> bool:
+        if not self.is_connected():
+            return False
+        argv = self._control_argv("exit")
+        self._log(argv)
+        _run(argv, timeout=10)
+        return True
+
+    def describe(self) -> str:
+        profile = self.profile
+        user = f"{profile.user}@" if profile.user else ""
+        port = f":{profile.port}" if profile.port else ""
+        return f"{user}{profile.host}{port}"
+
+    # -- calls ----------------------------------------------------------------------------------------------------
+
+    def run(self, command: str, *, input_text: str | None = None, check: bool = True, timeout: float | None = None,
+            what: str = "") -> subprocess.CompletedProcess:
+        """Run one remote shell command over the master; start or restart the master once if it is not there."""
+        argv = self.ssh_argv(command)
+        for attempt in (1, 2):
+            self._log(argv)
+            result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
+            if not self._master_was_missing(result) or attempt == 2:
+                break
+            if not self.connect():
+                raise SSHError(argv, result.returncode, result.stdout, result.stderr,
+                               what=f"ssh to {self.describe()} (the connection refused a new session)")
+        if result.returncode == 255 and self._master_was_missing(result):
+            raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}")
+        if check and result.returncode != 0:
+            error = SSHError if result.returncode == 255 else CommandError
+            raise error(argv, result.returncode, result.stdout, result.stderr, what=what or f"remote command on {self.describe()}")
+        return result
+
+    @staticmethod
+    def _master_was_missing(result: subprocess.CompletedProcess) -> bool:
+        return result.returncode == 255 and NO_MASTER_MARKER in result.stderr
+
+    def popen(self, command: str) -> subprocess.Popen:
+        """A long-lived remote command over the master (the master must be up), its stdout a pipe."""
+        self.ensure_connected()
+        argv = self.ssh_argv(command)
+        self._log(argv)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    def ensure_connected(self) -> None:
+        if not self.is_connected():
+            self.connect()
+
+    def _scp(self, sources: Sequence[str], destination: str, recursive: bool) -> None:
+        self.ensure_connected()
+        argv = ["scp", "-q", "-B", *(["-r"] if recursive else []), *self._guard_args(), *self._mux_args()]
+        argv += self._target_args(for_scp=True)
+        argv += [*sources, destination]
+        self._log(argv)
+        result = _run(argv, timeout=None)
+        if result.returncode != 0:
+            raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="scp")
+
+    def remote_spec(self, path: str) -> str:
+        return f"{self.profile.host}:{path}"
+
+    def upload(self, local: str | os.PathLike[str], remote: str, recursive: bool = False) -> None:
+        self._scp([os.fspath(local)], self.remote_spec(remote), recursive)
+
+    def download(self, remote: str, local: str | os.PathLike[str], recursive: bool = False) -> None:
+        self._scp([self.remote_spec(remote)], os.fspath(local), recursive)
+
+
+# ======================================================================================================================
+# SLURM API
+# ======================================================================================================================
+
+
+def _job_ids(ids: object) -> list[str]:
+    if isinstance(ids, (str, int)):
+        ids = [ids]
+    return [normalize_job_id(getattr(job_id, "job_id", job_id)) for job_id in ids]  # type: ignore[union-attr]
+
+
+class Server:
+    """A SLURM cluster reached over one reused OpenSSH connection.
+
+    ``Server(credentials_path=...)`` reads an original ``server_credentials.yaml``; ``Server.from_profile(name)``
+    uses a profile from the servers file.
+    """
+
+    def __init__(self, credentials_path: str | os.PathLike[str] | None = None, *, profile: Profile | None = None,
+                 verbose: bool = False, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        if profile is None:
+            if credentials_path is None:
+                raise UsageError("Server needs a credentials_path or a profile (see Server.from_profile)")
+            profile = profile_from_legacy(Path(credentials_path))
+        self.profile = profile
+        self.connection = SSHConnection(profile, timeout=timeout, verbose=verbose)
+        self.scheduler_queries = 0
+        self._final: dict[str, JobInfo] = {}
+        self._live: dict[str, JobInfo] = {}
+        self._submitted_at: dict[str, float] = {}
+
+    @classmethod
+    def from_profile(cls, name: str | None = None, *, config: Config | None = None, verbose: bool = False) -> Server:
+        return cls(profile=(config or load_config()).profile(name), verbose=verbose)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget this object's state; the shared master stays for ControlPersist so the next command reuses it."""
+        self._final.clear()
+
+    # -- roots of the original API ---------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.profile.host
+
+    @property
+    def user(self) -> str:
+        return self.profile.user or ""
+
+    def _root(self, root: str | None, leaf: str | None, what: str) -> PurePosixPath:
+        if not root or not leaf:
+            raise ConfigError(f"server {self.profile.name!r} has no {what}; set it in its profile")
+        return PurePosixPath(root, leaf)
+
+    @property
+    def raw_data_root(self) -> PurePosixPath:
+        return self._root(self.profile.storage_root, self.profile.shared_directory_name, "storage_root/shared_directory_name")
+
+    @property
+    def processed_data_root(self) -> PurePosixPath:
+        return self._root(self.profile.working_root, self.profile.shared_directory_name, "working_root/shared_directory_name")
+
+    @property
+    def user_data_root(self) -> PurePosixPath:
+        return self._root(self.profile.storage_root, self.profile.user, "storage_root")
+
+    @property
+    def user_working_root(self) -> PurePosixPath:
+        return self._root(self.profile.working_root, self.profile.user, "working_root")
+
+    def remote_home(self) -> str:
+        """The user's home directory on the server, asked once and remembered on this machine."""
+        cache_path = state_dir() / "homes.json"
+        try:
+            cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            cache = {}
+        key = self.connection.describe()
+        if key not in cache:
+            home = self.connection.run('printf %s "$HOME"', what="reading $HOME").stdout
+            if not home.startswith("/"):
+                raise SSHError(["printf", "$HOME"], 0, home, "the server did not report an absolute home directory")
+            cache[key] = home
+            write_private_file(cache_path, json.dumps(cache))
+        return str(cache[key])
+
+    def default_job_directory(self, job_name: str) -> str:
+        """Where a job made from the command line runs: under the user's working root, or the remote home."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name)[:40] or "job"
+        leaf = f"{safe_name}-{stamp}-{os.urandom(2).hex()}"
+        if self.profile.working_root and self.profile.user:
+            return str(self.user_working_root / JOBS_ROOT_NAME / leaf)
+        return str(PurePosixPath(self.remote_home(), JOBS_ROOT_NAME, leaf))
+
+    # -- submission -------------------------------------------------------------------------------------------------
+
+    def submit_job(self, job: Job) -> Job:
+        """Upload the job's script into its working directory and sbatch it, in one round trip; sets ``job.job_id``."""
+        if job.job_id is not None:
+            raise UsageError(f"job {job.job_name!r} was already submitted as {job.job_id}; create a new Job to run it again")
+        job.job_id = self._submit(job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], [])
+        self._remember(job.job_id, job.job_name, job.working_directory, job.output_log, job.error_log)
+        return job
+
+    def submit_script(self, script: str, *, working_directory: str, sbatch_args: Sequence[str] = (),
+                      job_name: str | None = None, output_log: str | None = None, error_log: str | None = None) -> str:
+        """Submit a user's own script; its ``#SBATCH`` lines hold unless ``sbatch_args`` override them."""
+        name = job_name or script_job_name(script) or "script"
+        args = [f"--chdir={working_directory}", *sbatch_args]
+        logs = [path for path in (output_log, error_log) if path]
+        if output_log:
+            args.append(f"--output={output_log}")
+        if error_log:
+            args.append(f"--error={error_log}")
+        job_id = self._submit(inject_exit_record(script), name, working_directory, logs, args)
+        self._remember(job_id, name, working_directory, output_log or str(PurePosixPath(working_directory, "slurm-%j.out")),
+                       error_log or output_log or str(PurePosixPath(working_directory, "slurm-%j.out")))
+        return job_id
+
+    def _submit(self, script: str, name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]) -> str:
+        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "job"
+        script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR,
+                                        f"{safe_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.sh"))
+        log_dirs = [str(PurePosixPath(path).parent) for path in logs if "%" not in str(PurePosixPath(path).parent)]
+        command = submit_command(script_path, [str(PurePosixPath(script_path).parent), *log_dirs], sbatch_args)
+        result = self.connection.run(command, input_text=script, check=False)
+        if result.returncode != 0:
+            error = SSHError if result.returncode == 255 else SlurmError
+            raise error(self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr,
+                        what=f"sbatch on {self.connection.describe()}")
+        try:
+            return parse_sbatch_id(result.stdout)
+        except ValueError as problem:
+            raise SlurmError(self.connection.ssh_argv(command), 0, result.stdout, str(problem), what="sbatch") from None
+
+    def _remember(self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str) -> None:
+        self._submitted_at[job_id] = time.time()
+        record_job(JobRecord(job_id, self.profile.name, name, working_directory, output_log, error_log, time.time(),
+                             self.profile.user or ""))
+
+    # -- status -----------------------------------------------------------------------------------------------------
+
+    def _record_paths(self, job_ids: Sequence[str]) -> dict[str, str]:
+        records = load_job_records(self.profile.name)
+        return {job_id: exit_record_path(records[job_id].working_directory, job_id)
+                for job_id in job_ids if job_id in records}
+
+    def job_info(self, job_ids: object) -> dict[str, JobInfo]:
+        """What the scheduler says of any number of jobs, in one round trip; final states are cached."""
+        ids = _job_ids(job_ids)
+        wanted = [job_id for job_id in ids if job_id not in self._final]
+        if wanted:
+            command = status_query_command(wanted, self._record_paths(wanted))
+            result = self.connection.run(command, what="squeue/sacct")
+            self.scheduler_queries += 1
+            squeue_out, squeue_rc, sacct_out, sacct_rc, records_out = parse_status_query(result.stdout)
+            if squeue_rc != 0 and "Invalid job id" not in squeue_out:
+                raise SlurmError(["squeue"], squeue_rc, "", squeue_out, what="squeue")
+            squeue_rows = parse_squeue(squeue_out) if squeue_rc == 0 else {}
+            sacct_rows = parse_sacct(sacct_out) if sacct_rc == 0 else None
+            now = time.time()
+            recent = frozenset(
+                job_id for job_id in wanted
+                if now - self._submitted_at.get(job_id, self._recorded_time(job_id)) < RECENT_SUBMISSION_GRACE
+            )
+            for job_id, info in merge_job_info(wanted, squeue_rows, sacct_rows, parse_exit_records(records_out), recent).items():
+                # squeue alone may show a final state before its exit code is known: keep asking until it is.
+                if info.status.is_finished and (info.source != "squeue" or info.exit_code is not None):
+                    self._final[job_id] = info
+                self._live[job_id] = info
+        return {job_id: self._final.get(job_id) or self._live[job_id] for job_id in ids}
+
+    def _recorded_time(self, job_id: str) -> float:
+        record = load_job_records(self.profile.name).get(job_id)
+        return record.submitted if record else 0.0
+
+    def get_job_status(self, job_id: object) -> JobStatus:
+        """The state of one job, as a `JobStatus`."""
+        return next(iter(self.job_info([job_id]).values())).status
+
+    def get_job_statuses(self, job_ids: object) -> dict[str, JobStatus]:
+        """The states of any number of jobs, in one round trip."""
+        return {job_id: info.status for job_id, info in self.job_info(job_ids).items()}
+
+    def job_complete(self, job: Job | str | int) -> bool:
+        """True once the job has ended, whatever the outcome."""
+        return self.get_job_status(getattr(job, "job_id", job)).is_finished
+
+    # -- waiting ----------------------------------------------------------------------------------------------------
+
+    def wait(self, job_ids: object, timeout: float | None = None,
+             on_change: Callable[[JobInfo], None] | None = None,
+             poll_first: float = SCHEDULER_POLL_FIRST, poll_max: float = SCHEDULER_POLL_MAX) -> dict[str, JobInfo]:
+        """Block until every job has ended; returns their final `JobInfo`.
+
+        The end of a job is noticed from its exit record by one remote watcher (no scheduler query); the scheduler
+        is asked, for all jobs at once, at most every ``poll_first`` seconds backing off to ``poll_max``, for ends
+        no record shows (cancelled while pending, node failure) and to confirm each final state.
+        """
+        import select
+
+        ids = _job_ids(job_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: dict[str, JobInfo] = {}
+        record_paths = {job_id: path for job_id, path in self._record_paths(ids).items() if "_" not in job_id}
+        watcher = self.connection.popen(watcher_command(record_paths)) if record_paths else None
+        buffer = ""
+        interval = poll_first
+        next_query = time.monotonic()
+        confirm_delay = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_query:
+                    infos = self.job_info([job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished])
+                    for job_id, info in infos.items():
+                        if on_change and (job_id not in last or last[job_id].status != info.status):
+                            on_change(info)
+                        last[job_id] = info
+                    if all(last[job_id].status.is_finished for job_id in ids):
+                        return {job_id: last[job_id] for job_id in ids}
+                    if confirm_delay:
+                        # An exit record said a job ended; the scheduler lags it by seconds.
+                        next_query = time.monotonic() + confirm_delay
+                        confirm_delay = confirm_delay * 2 if confirm_delay < 4 else 0.0
+                    else:
+                        next_query = time.monotonic() + interval
+                        interval = min(interval * 1.5, poll_max)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeout(f"{len([i for i in ids if not last.get(i) or not last[i].status.is_finished])} "
+                                      f"job(s) still running after {timeout:g} s: "
+                                      + ", ".join(f"{i} {last[i].status}" for i in ids if i in last and not last[i].status.is_finished))
+                pause = next_query - time.monotonic()
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                pause = max(pause, 0.0)
+                if watcher is None or watcher.stdout is None or watcher.poll() is not None and not buffer:
+                    time.sleep(pause)
+                    continue
+                ready, _, _ = select.select([watcher.stdout], [], [], pause)
+                if not ready:
+                    continue
+                chunk = os.read(watcher.stdout.fileno(), 4096).decode(errors="replace")
+                if not chunk:
+                    watcher.wait()
+                    watcher = None
+                    continue
+                buffer += chunk
+                *lines, buffer = buffer.split("\n")
+                if parse_exit_records("\n".join(lines)):
+                    next_query = time.monotonic()
+                    confirm_delay = 0.5
+        finally:
+            if watcher is not None:
+                watcher.terminate()
+                watcher.wait()
+
+    # -- control ----------------------------------------------------------------------------------------------------
+
+    def cancel(self, job_ids: object) -> None:
+        """Cancel jobs (pending or running) in one scancel call."""
+        ids = _job_ids(job_ids)
+        if ids:
+            command = shlex.join(["scancel", *ids])
+            result = self.connection.run(command, check=False)
+            if result.returncode != 0 or "error" in result.stderr.lower():
+                raise SlurmError(self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="scancel")
+
+    def abort_job(self, job: Job | str | int) -> None:
+        self.cancel([getattr(job, "job_id", job)])
+
+    def queue(self) -> list[JobInfo]:
+        """The user's own jobs in the queue."""
+        command = f"squeue -h --me -o {shlex.quote(SQUEUE_FORMAT)}"
+        result = self.connection.run(command, what="squeue")
+        self.scheduler_queries += 1
+        return list(parse_squeue(result.stdout).values())
+
+    def read_file(self, path: str, tail_lines: int | None = None) -> str:
+        quoted = shlex.quote(path)
+        command = f"tail -n {int(tail_lines)} -- {quoted}" if tail_lines else f"cat -- {quoted}"
+        return self.connection.run(command, what=f"reading {path}").stdout
+
+    # -- files ------------------------------------------------------------------------------------------------------
+
+    def push_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
+        self.connection.upload(local_file_path, os.fspath(remote_file_path))
+
+    def pull_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
+        self.connection.download(os.fspath(remote_file_path), local_file_path)
+
+    def push_directory(self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]) -> None:
+        """Copy a local directory's contents into a remote directory (created if missing)."""
+        remote = os.fspath(remote_directory_path)
+        self.create_directory(remote)
+        sources = [str(entry) for entry in sorted(Path(local_directory_path).iterdir())]
+        if sources:
+            self.connection._scp(sources, self.connection.remote_spec(remote + "/"), recursive=True)
+
+    def pull_directory(self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]) -> None:
+        """Copy a remote directory's contents into a local directory (created if missing)."""
+        local = Path(local_directory_path)
+        local.mkdir(parents=True, exist_ok=True)
+        self.connection.download(os.fspath(remote_directory_path) + "/.", local, recursive=True)
+
+    def exists(self, remote_path: str | os.PathLike[str]) -> bool:
+        return self.connection.run(f"test -e {shlex.quote(os.fspath(remote_path))}", check=False).returncode == 0
+
+    def remove(self, remote_path: str | os.PathLike[str], is_dir: bool = False, recursive: bool = False) -> None:
+        path = shlex.quote(os.fspath(remote_path))
+        command = f"rm -rf -- {path}" if recursive else (f"rmdir -- {path}" if is_dir else f"rm -f -- {path}")
+        self.connection.run(command, what=f"removing {remote_path}")
+
+    def create_directory(self, remote_path: str | os.PathLike[str], parents: bool = True) -> None:
+        flag = "-p " if parents else ""
+        self.connection.run(f"mkdir {flag}-- {shlex.quote(os.fspath(remote_path))}", what=f"creating {remote_path}")
+
+
+# ======================================================================================================================
+# Command line
+# ======================================================================================================================
+
+
+class Progress:
+    """Job state changes on stderr: one live line on a terminal, timestamped lines otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.live = sys.stderr.isatty()
+        self.states: dict[str, JobInfo] = {}
+
+    def __call__(self, info: JobInfo) -> None:
+        self.states[info.job_id] = info
+        if self.quiet:
+            return
+        if self.live:
+            line = "  ".join(f"{job_id} {state.status}" for job_id, state in self.states.items())
+            print(f"\r\033[K{line}", end="" if not all(s.status.is_finished for s in self.states.values()) else "\n",
+                  file=sys.stderr, flush=True)
+        else:
+            reason = f" ({info.reason})" if info.reason and not info.status.is_finished else ""
+            code = f" exit {info.exit_code}" if info.status.is_finished and info.exit_code is not None else ""
+            print(f"{time.strftime('%H:%M:%S')} {info.job_id} {info.status}{code}{reason}", file=sys.stderr, flush=True)
+
+
+def exit_code_for(infos: Iterable[JobInfo]) -> int:
+    """0 when every job COMPLETED; a FAILED job's own exit code; 1 for any other bad end."""
+    infos = list(infos)
+    if all(info.status is JobStatus.COMPLETED for info in infos):
+        return EXIT_OK
+    for info in infos:
+        if info.status is JobStatus.FAILED and info.exit_code and 0 < info.exit_code < 256:
+            return info.exit_code
+    return EXIT_FAILURE
+
+
+def _print_json(document: object) -> None:
+    print(json.dumps(document, indent=2, sort_keys=False))
+
+
+def _open_server(args: Any) -> Server:
+    return Server.from_profile(args.server, verbose=args.verbose)
+
+
+def _sbatch_resource_args(args: Any) -> list[str]:
+    options = []
+    for flag, value in (("cpus-per-task", args.cpus), ("time", args.time), ("partition", args.partition),
+                        ("account", args.account), ("qos", args.qos), ("gpus", args.gpus)):
+        if value is not None:
+            options.append(f"--{flag}={value}")
+    if args.mem is not None:
+        options.append(f"--mem={_mem_option(args.mem)}")
+    return options
+
+
+def _show_error_tail(server: Server, infos: Iterable[JobInfo], lines: int = 15) -> None:
+    records = load_job_records(server.profile.name)
+    for info in infos:
+        record = records.get(info.job_id)
+        if info.status.is_success or record is None:
+            continue
+        path = record.log_path(error=True)
+        try:
+            tail = server.read_file(path, tail_lines=lines)
+        except CommandError:
+            continue
+        if tail.strip():
+            print(f"--- last lines of {path} (job {info.job_id}, {info.status}) ---", file=sys.stderr)
+            print(tail.rstrip("\n"), file=sys.stderr)
+
+
+def _wait_and_report(server: Server, job_ids: Sequence[str], args: Any) -> int:
+    progress = Progress(quiet=args.quiet)
+    try:
+        infos = server.wait(job_ids, timeout=getattr(args, "timeout", None), on_change=progress)
+    except KeyboardInterrupt:
+        print(f"\n{APP_NAME}: interrupted; the job(s) keep running: {' '.join(job_ids)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if getattr(args, "json", False):
+        _print_json({"jobs": [info.to_json() for info in infos.values()]})
+    _show_error_tail(server, infos.values())
+    return exit_code_for(infos.values())
+
+
+def cmd_submit(args: Any) -> int:
+    path = Path(args.script)
+    if not path.is_file():
+        raise UsageError(f"script {path} does not exist or is not a file")
+    script = path.read_text(encoding="utf-8")
+    name = args.name or script_job_name(script) or path.stem
+    sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name else [])
+    if args.dry_run:
+        workdir = args.workdir or f"~/{JOBS_ROOT_NAME}/{name}-<timestamp>"
+        print(inject_exit_record(script), end="")
+        print(f"# would run on the server (in {workdir}): sbatch --parsable --chdir={workdir} {shlex.join(sbatch_args)} SCRIPT",
+              file=sys.stderr)
+        return EXIT_OK
+    server = _open_server(args)
+    workdir = args.workdir or server.default_job_directory(name)
+    job_id = server.submit_script(script, working_directory=workdir, sbatch_args=sbatch_args, job_name=name)
+    print(job_id, flush=True)
+    return _wait_and_report(server, [job_id], args) if args.wait else EXIT_OK
+
+
+def cmd_run(args: Any) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("no command given; usage: sl-forgery run [OPTIONS] -- COMMAND [ARGS...]")
+    server = None if args.dry_run else _open_server(args)
+    profile = server.profile if server else None
+    name = args.name or Path(command[0]).name
+    workdir = args.workdir or (server.default_job_directory(name) if server else f"/~/{JOBS_ROOT_NAME}/{name}-TIMESTAMP")
+    job = Job(
+        name, f"{workdir}/output.log", f"{workdir}/error.log", workdir,
+        conda_environment=args.env or (profile.conda_environment if profile else None),
+        cpus_to_use=args.cpus or 1, ram_gb=args.mem or 4, time_limit=args.time or 60,
+        partition=args.partition or (profile.partition if profile else None),
+        account=args.account or (profile.account if profile else None), qos=args.qos, gpus=args.gpus,
+    )
+    job.add_command(shlex.join(command))
+    if server is None:
+        print(job.script, end="")
+        return EXIT_OK
+    server.submit_job(job)
+    assert job.job_id is not None
+    print(job.job_id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    code = _wait_and_report(server, [job.job_id], args)
+    if code != EXIT_INTERRUPTED:
+        try:
+            sys.stdout.write(server.read_file(expand_log_pattern(job.output_log, job.job_id, job.job_name)))
+        except CommandError as error:
+            print(f"{APP_NAME}: warning: cannot read the output log: {error.summary}", file=sys.stderr)
+    return code
+
+
+def cmd_wait(args: Any) -> int:
+    server = _open_server(args)
+    return _wait_and_report(server, _job_ids(args.job_ids), args)
+
+
+def _recent_ids(server: Server, count: int = 10) -> list[str]:
+    records = sorted(load_job_records(server.profile.name).values(), key=lambda record: record.submitted)
+    return [record.job_id for record in records[-count:]]
+
+
+def cmd_status(args: Any) -> int:
+    server = _open_server(args)
+    ids = _job_ids(args.job_ids) if args.job_ids else _recent_ids(server)
+    infos = server.job_info(ids) if ids else {}
+    if args.json:
+        _print_json({"jobs": [info.to_json() for info in infos.values()]})
+    elif infos:
+        print(format_table(["JOBID", "STATE", "EXIT", "NAME", "REASON"],
+                           [[i.job_id, i.status, "" if i.exit_code is None else i.exit_code, i.name, i.reason]
+                            for i in infos.values()]))
+    return EXIT_OK
+
+
+def cmd_cancel(args: Any) -> int:
+    server = _open_server(args)
+    ids = _job_ids(args.job_ids)
+    server.cancel(ids)
+    if not args.quiet:
+        print(f"cancelled {' '.join(ids)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_logs(args: Any) -> int:
+    server = _open_server(args)
+    job_id = normalize_job_id(args.job_id)
+    record = load_job_records(server.profile.name).get(job_id)
+    if record is None:
+        raise UsageError(f"job {job_id} was not submitted from this machine to {server.profile.name!r}; "
+                         "its log paths are unknown (see 'sl-forgery history')")
+    path = record.log_path(error=args.err)
+    if not args.follow:
+        sys.stdout.write(server.read_file(path, tail_lines=args.lines))
+        return EXIT_OK
+    tail = server.connection.popen(f"tail -n +1 -F -- {shlex.quote(path)} 2>/dev/null")
+    try:
+        import threading
+
+        def pump() -> None:
+            assert tail.stdout is not None
+            for line in tail.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        infos = server.wait([job_id])
+        time.sleep(1.0)  # let tail print what the job wrote last
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        tail.terminate()
+        tail.wait()
+    return exit_code_for(infos.values())
+
+
+def cmd_queue(args: Any) -> int:
+    server = _open_server(args)
+    jobs = server.queue()
+    if args.json:
+        _print_json({"jobs": [info.to_json() for info in jobs]})
+    elif jobs:
+        print(format_table(["JOBID", "STATE", "NAME", "NODE", "REASON"],
+                           [[i.job_id, i.status, i.name, i.node, i.reason] for i in jobs]))
+    return EXIT_OK
+
+
+def cmd_history(args: Any) -> int:
+    since = time.time() - parse_duration(args.since) if args.since else 0
+    records = [r for r in load_job_records(args.server).values() if r.submitted >= since]
+    records.sort(key=lambda record: record.submitted)
+    if args.json:
+        _print_json({"jobs": [dataclasses.asdict(record) for record in records]})
+    elif records:
+        print(format_table(["JOBID", "SERVER", "SUBMITTED", "NAME", "WORKDIR"],
+                           [[r.job_id, r.server, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted)), r.name,
+                             r.working_directory] for r in records]))
+    return EXIT_OK
+
+
+def cmd_connect(args: Any) -> int:
+    server = _open_server(args)
+    started = server.connection.connect()
+    if not args.quiet:
+        print(f"{'connected to' if started else 'already connected to'} {server.connection.describe()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_disconnect(args: Any) -> int:
+    server = _open_server(args)
+    stopped = server.connection.disconnect()
+    if not args.quiet:
+        print(f"{'disconnected from' if stopped else 'no connection to'} {server.connection.describe()}", file=sys.stderr)
+    return EXIT_OK
+
+
+SERVER_CHECKS = (
+    ("slurm", "sinfo --version", "SLURM client commands are not on the PATH of a non-interactive login"),
+    ("accounting", "sacct -n -X -S now -o JobID", "sacct does not answer: statuses come from squeue and exit records"),
+    ("conda", "conda --version", "conda is not on the PATH of a non-interactive login: jobs with an environment fail"),
+)
+
+
+def cmd_check(args: Any) -> int:
+    server = _open_server(args)
+    rows = []
+    started = time.monotonic()
+    server.connection.ensure_connected()
+    rows.append(["ssh", "ok", f"{server.connection.describe()} ({time.monotonic() - started:.2f} s)"])
+    failed = False
+    for name, command, advice in SERVER_CHECKS:
+        result = server.connection.run(command, check=False)
+        if result.returncode == 0:
+            rows.append([name, "ok", (result.stdout.strip().splitlines() or [""])[0]])
+        else:
+            failed = True
+            rows.append([name, "FAIL", advice])
+    print(format_table(["CHECK", "RESULT", "DETAIL"], rows))
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _read_new_password(args: Any) -> str | None:
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\n")
+    if getattr(args, "password", False):
+        import getpass
+
+        return getpass.getpass(f"password for {args.user}@{args.host}: ")
+    return None
+
+
+def cmd_server_add(args: Any) -> int:
+    config = load_config()
+    if args.name in config.servers and not args.replace:
+        raise UsageError(f"server {args.name!r} already exists in {config.path}; pass --replace to overwrite it")
+    profile = Profile(
+        name=args.name, host=_check_text("--host", args.host), user=args.user, port=args.port,
+        identity_file=args.identity_file, ssh_config=args.ssh_config, ssh_options=list(args.ssh_option or []),
+        storage_root=args.storage_root, working_root=args.working_root,
+        shared_directory_name=args.shared_directory_name, conda_environment=args.conda_env,
+        partition=args.partition, account=args.account,
+    )
+    password = _read_new_password(args)
+    if password is not None:
+        store_password(profile.keyring_account, password)
+        profile.password_in_keyring = True
+    config.servers[profile.name] = profile
+    if args.default or not config.default:
+        config.default = profile.name
+    config.save()
+    if not args.quiet:
+        print(f"added server {profile.name!r} to {config.path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_server_list(args: Any) -> int:
+    config = load_config()
+    if args.json:
+        _print_json({"default": config.default, "servers": [
+            {"name": p.name, **p.to_yaml_dict()} for p in config.servers.values()]})
+    elif config.servers:
+        print(format_table(["NAME", "DEFAULT", "DESTINATION", "AUTH"], [
+            [p.name, "*" if p.name == config.default else "", SSHConnection(p).describe(),
+             "keyring password" if p.password_in_keyring else "ssh (keys, agent, config)"]
+            for p in config.servers.values()]))
+    return EXIT_OK
+
+
+def cmd_server_show(args: Any) -> int:
+    config = load_config()
+    profile = config.profile(args.name)
+    import yaml
+
+    print(yaml.safe_dump({profile.name: profile.to_yaml_dict()}, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_server_remove(args: Any) -> int:
+    config = load_config()
+    profile = config.profile(args.name)
+    if profile.password_in_keyring:
+        delete_password(profile.keyring_account)
+    del config.servers[profile.name]
+    if config.default == profile.name:
+        config.default = None
+    config.save()
+    if not args.quiet:
+        print(f"removed server {profile.name!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_server_default(args: Any) -> int:
+    config = load_config()
+    config.default = config.profile(args.name).name
+    config.save()
+    return EXIT_OK
+
+
+def cmd_server_import(args: Any) -> int:
+    config = load_config()
+    name = args.name or None
+    profile = import_legacy_credentials(Path(args.file), name, config)
+    if not args.quiet:
+        print(f"imported {args.file} as server {profile.name!r}; its password is in the OS keyring", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_completion(args: Any) -> int:
+    import shtab
+
+    print(shtab.complete(get_parser(), shell=args.shell, preamble=_COMPLETION_PREAMBLE.get(args.shell, "")))
+    return EXIT_OK
+
+
+_COMPLETION_PREAMBLE = {
+    "bash": """
+_sl_forgery_servers() {
+  local file="${SL_FORGERY_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/sl-forgery/servers.yaml}"
+  [ -r "$file" ] && compgen -W "$(sed -n 's/^  \\([A-Za-z0-9_.-][^:]*\\):.*/\\1/p' "$file")" -- "$1"
+}
+_sl_forgery_jobs() {
+  local file="${XDG_STATE_HOME:-$HOME/.local/state}/sl-forgery/jobs.jsonl"
+  [ -r "$file" ] && compgen -W "$(tail -n 50 "$file" | sed -n 's/^{"job_id": "\\([0-9_]*\\)".*/\\1/p')" -- "$1"
+}
+""",
+    "zsh": """
+_sl_forgery_servers() {
+  local file="${SL_FORGERY_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/sl-forgery/servers.yaml}"
+  [ -r "$file" ] && compadd -- ${(f)"$(sed -n 's/^  \\([A-Za-z0-9_.-][^:]*\\):.*/\\1/p' "$file")"}
+}
+_sl_forgery_jobs() {
+  local file="${XDG_STATE_HOME:-$HOME/.local/state}/sl-forgery/jobs.jsonl"
+  [ -r "$file" ] && compadd -- ${(f)"$(tail -n 50 "$file" | sed -n 's/^{"job_id": "\\([0-9_]*\\)".*/\\1/p')"}
+}
+""",
+}
+_COMPLETE_SERVER = {"bash": "_sl_forgery_servers", "zsh": "_sl_forgery_servers"}
+_COMPLETE_JOB = {"bash": "_sl_forgery_jobs", "zsh": "_sl_forgery_jobs"}
+_COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+
+
+def _add_resource_options(parser: Any) -> None:
+    group = parser.add_argument_group("resources")
+    group.add_argument("--cpus", type=int, metavar="N", help="CPUs per task")
+    group.add_argument("--mem", type=float, metavar="GB", help="memory in GB")
+    group.add_argument("--time", type=int, metavar="MIN", help="time limit in minutes")
+    group.add_argument("--partition", metavar="P")
+    group.add_argument("--account", metavar="A")
+    group.add_argument("--qos", metavar="Q")
+    group.add_argument("--gpus", metavar="N")
+    group.add_argument("--name", metavar="NAME", help="job name")
+    group.add_argument("--workdir", metavar="DIR", help="working directory on the server (created if missing)")
+
+
+def get_parser() -> Any:
+    """The whole command line, built once here; completion scripts are generated from it."""
+    import argparse
+
+    def common_options(default: Any) -> Any:
+        # Sub-commands take the same options, with defaults suppressed, so that "-s NAME status" is not undone
+        # by the sub-command's own default.
+        options = argparse.ArgumentParser(add_help=False, argument_default=default)
+        options.add_argument("-s", "--server", metavar="NAME", help="server profile (default: the configured default)"
+                             ).complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
+        options.add_argument("-v", "--verbose", action="store_true", help="show the ssh commands and full error details")
+        options.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+        return options
+
+    common = common_options(argparse.SUPPRESS)
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog=APP_NAME, description="Run commands on a remote SLURM cluster as if they were local.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common_options(None)],
+    )
+    parser.add_argument("--version", action="version", version=f"{APP_NAME} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[Any], int], help_text: str, *parents: Any, **kwargs: Any) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common, *parents], **kwargs)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("submit", cmd_submit, "submit a local batch script; prints the job id")
+    sub.add_argument("script", metavar="SCRIPT").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
+    _add_resource_options(sub)
+    sub.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its code")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
+    sub.add_argument("--dry-run", action="store_true", help="print what would be submitted; connect to nothing")
+
+    sub = command("run", cmd_run, "run a command as a batch job, as if it ran here")
+    sub.add_argument("--env", metavar="ENV", help="conda environment to activate")
+    _add_resource_options(sub)
+    sub.add_argument("--wait", action="store_true", help="follow the job, print its output, exit with its code")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
+    sub.add_argument("--dry-run", action="store_true", help="print the job script; connect to nothing")
+    sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
+    sub = command("wait", cmd_wait, "wait for jobs to end; exit 0 when all COMPLETED", json_flag)
+    sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 124)")
+
+    sub = command("status", cmd_status, "state, exit code and reason of jobs (default: your recent jobs)", json_flag)
+    sub.add_argument("job_ids", nargs="*", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+
+    sub = command("cancel", cmd_cancel, "cancel jobs")
+    sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+
+    sub = command("logs", cmd_logs, "print a job's output log (or error log)")
+    sub.add_argument("job_id", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+    sub.add_argument("--err", action="store_true", help="the error log instead of the output log")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    sub.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
+
+    command("queue", cmd_queue, "your jobs in the queue", json_flag)
+    sub = command("history", cmd_history, "jobs submitted from this machine", json_flag)
+    sub.add_argument("--since", metavar="DURATION", help="only this recent, e.g. 2h or 3d")
+
+    command("connect", cmd_connect, "open the shared connection to the server (later calls reuse it)")
+    command("disconnect", cmd_disconnect, "close the shared connection")
+    command("check", cmd_check, "check the connection, SLURM, accounting and conda on the server")
+
+    sub = command("server", lambda args: (sub.print_help(), EXIT_USAGE)[1], "manage server profiles")
+    servers = sub.add_subparsers(dest="server_command", metavar="ACTION")
+
+    def server_command(name: str, handler: Callable[[Any], int], help_text: str, *parents: Any) -> Any:
+        action = servers.add_parser(name, help=help_text, description=help_text, parents=[common, *parents])
+        action.set_defaults(handler=handler)
+        return action
+
+    add = server_command("add", cmd_server_add, "add a server profile")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--host", required=True, help="host name, address or ~/.ssh/config alias")
+    add.add_argument("--user", help="user name on the server")
+    add.add_argument("--port", type=int)
+    add.add_argument("--identity-file", metavar="KEY")
+    add.add_argument("--ssh-config", metavar="FILE", help="ssh config file to use instead of ~/.ssh/config")
+    add.add_argument("--ssh-option", action="append", metavar="OPTION", help="extra ssh -o option (repeatable)")
+    add.add_argument("--storage-root")
+    add.add_argument("--working-root")
+    add.add_argument("--shared-directory-name")
+    add.add_argument("--conda-env", metavar="ENV", help="default conda environment")
+    add.add_argument("--partition")
+    add.add_argument("--account")
+    secret = add.add_mutually_exclusive_group()
+    secret.add_argument("--password", action="store_true", help="prompt for a password and keep it in the OS keyring")
+    secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--default", action="store_true", help="make it the default server")
+    add.add_argument("--replace", action="store_true", help="overwrite a profile of the same name")
+    server_command("list", cmd_server_list, "list server profiles", json_flag)
+    for name, handler, help_text in (("show", cmd_server_show, "print a profile"),
+                                     ("remove", cmd_server_remove, "remove a profile and its keyring entry"),
+                                     ("default", cmd_server_default, "make a profile the default")):
+        action = server_command(name, handler, help_text)
+        action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
+    action = server_command("check", lambda a: cmd_check(argparse.Namespace(**{**vars(a), "server": a.name})),
+                            "check a server")
+    action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
+    action = server_command("import", cmd_server_import,
+                            "import a legacy server_credentials.yaml (the password moves to the keyring)")
+    action.add_argument("file", metavar="FILE").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
+    action.add_argument("--name", help="profile name (default: the host)")
+
+    sub = command("completion", cmd_completion, "print a shell completion script")
+    sub.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"\n{APP_NAME}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SlForgeryError as error:
+        message = str(error) if args.verbose else str(error).splitlines()[0]
+        print(f"{APP_NAME}: error: {message}", file=sys.stderr)
+        return error.exit_code
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
+    """The original ``sl-create-server-credentials``: writes server_credentials.yaml, the password to the keyring."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sl-create-server-credentials", add_help=False,
+                                     description="Create a server_credentials.yaml (the password goes to the OS keyring).")
+    parser.add_argument("--help", action="help", help="show this help and exit")
+    parser.add_argument("-od", "--output-directory", required=True, help="directory to write server_credentials.yaml in")
+    parser.add_argument("-h", "--host", default="cbsuwsun.biohpc.cornell.edu", help="server host name")
+    parser.add_argument("-u", "--username", required=True)
+    parser.add_argument("-p", "--password", help="the password (visible to other users and in shell history: "
+                                                 "leave it out to be prompted)")
+    parser.add_argument("-sr", "--storage-root", default="/local/storage")
+    parser.add_argument("-wr", "--working-root", default="/local/workdir")
+    parser.add_argument("-sdn", "--shared-directory-name", default="sun_data")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    target = Path(args.output_directory) / "server_credentials.yaml"
+    try:
+        if target.exists():
+            raise UsageError(f"{target} already exists; remove it first or choose another --output-directory")
+        password = args.password
+        if password is not None:
+            print("sl-create-server-credentials: warning: a password given with -p is visible to other users (ps) and "
+                  "stays in your shell history; leave -p out to be prompted", file=sys.stderr)
+        else:
+            import getpass
+
+            password = getpass.getpass(f"password for {args.username}@{args.host}: ")
+        fields = {"username": args.username, "host": args.host, "storage_root": args.storage_root,
+                  "working_root": args.working_root, "shared_directory_name": args.shared_directory_name,
+                  **legacy_derived_roots(args.username, args.storage_root, args.working_root, args.shared_directory_name)}
+        store_password(f"{args.username}@{args.host}:{DEFAULT_PORT}", password)
+        write_legacy_credentials(target, fields)
+    except SlForgeryError as error:
+        print(f"sl-create-server-credentials: error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"wrote {target}; the password is in the OS keyring", file=sys.stderr)
+    return EXIT_OK
+
+
+def start_jupyter_main(argv: Sequence[str] | None = None) -> int:
+    return main(["jupyter", *(sys.argv[1:] if argv is None else argv)])
+
+
+# ``from sl_forgery.server import JobStatus`` (the original package layout) names this same module.
+sys.modules.setdefault(f"{__name__}.server", sys.modules[__name__])
+
+if __name__ == "__main__":
+    sys.exit(main())
