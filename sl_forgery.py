@@ -76,6 +76,7 @@ exit codes:
 environment:
   SL_FORGERY_CONFIG   path of the servers file (default $XDG_CONFIG_HOME/sl-forgery/servers.yaml)
   SL_FORGERY_SERVER   server profile to use when --server is not given
+  SL_FORGERY_SSH_CONFIG  ssh config file for servers whose profile names none (default ~/.ssh/config)
   XDG_STATE_HOME      where the local job history lives (sl-forgery/jobs.jsonl)
   NO_COLOR            no colour in tables
 """
@@ -163,14 +164,17 @@ _SBATCH_SPECIAL = set(' \t"\\#\'')
 
 
 def sbatch_quote(value: str) -> str:
-    r"""Quote a value for an ``#SBATCH`` line, which SLURM splits on blanks and reads with backslash escapes.
+    r"""Quote a value for an ``#SBATCH`` line. SLURM splits those lines on blanks and treats both quote characters
+    as quotes; inside double quotes only a backslash escapes, so that is the one form used.
 
-    >>> sbatch_quote("my job")
-    'my\\ job'
+    >>> print(sbatch_quote("my job's \"name\""))
+    "my job's \"name\""
     >>> sbatch_quote("plain-name_1")
     'plain-name_1'
     """
-    return "".join("\\" + char if char in _SBATCH_SPECIAL else char for char in value)
+    if not any(char in _SBATCH_SPECIAL for char in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
@@ -571,10 +575,18 @@ def parse_exit_records(stdout: str) -> dict[str, int]:
     return records
 
 
-def _task_rows(job_id: str, rows: Mapping[str, JobInfo]) -> list[JobInfo]:
-    if job_id in rows:
-        return [rows[job_id]]
-    return [info for key, info in rows.items() if key.startswith(job_id + "_")]
+def _task_ids(job_id: str, *sources: Mapping[str, JobInfo]) -> list[str]:
+    """The rows that belong to a requested id: itself, or the tasks ``ID_N`` of an array."""
+    if any(job_id in rows for rows in sources):
+        return [job_id]
+    return sorted({key for rows in sources for key in rows if key.startswith(job_id + "_")})
+
+
+def _pick(queue_info: JobInfo | None, account_info: JobInfo | None) -> JobInfo | None:
+    """squeue is the authority while a job lives; a finished state from sacct wins (it lags the end by seconds)."""
+    if account_info and account_info.status.is_finished:
+        return account_info
+    return queue_info or account_info
 
 
 def _combine_tasks(job_id: str, tasks: list[JobInfo]) -> JobInfo:
@@ -597,31 +609,21 @@ def merge_job_info(
     exit_records: Mapping[str, int],
     recent_ids: frozenset[str] = frozenset(),
 ) -> dict[str, JobInfo]:
-    """Decide each job's state from what squeue, sacct (None when accounting is unavailable) and the exit records say.
-
-    squeue is the authority while a job lives; a finished state from either command wins over a live one (sacct
-    lags the end by seconds); the exit record supplies the exit code, or the whole answer without accounting.
-    """
+    """Decide each job's state from what squeue, sacct (None when accounting is unavailable) and the exit records
+    say. An array reads as the combination of its tasks; the exit record supplies a missing exit code, or the
+    whole answer when neither command knows the job any more."""
+    sacct_rows = sacct_rows or {}
     result = {}
     for job_id in job_ids:
-        live = _task_rows(job_id, squeue_rows)
-        accounted = _task_rows(job_id, sacct_rows or {})
-        queue_info = _combine_tasks(job_id, live) if live else None
-        account_info = _combine_tasks(job_id, accounted) if accounted else None
+        tasks = [info for task_id in _task_ids(job_id, squeue_rows, sacct_rows)
+                 if (info := _pick(squeue_rows.get(task_id), sacct_rows.get(task_id))) is not None]
         record = exit_records.get(job_id)
-        info: JobInfo | None
-        if account_info and account_info.status.is_finished:
-            info = account_info
-        elif queue_info:
-            info = queue_info
+        if tasks:
+            info = _combine_tasks(job_id, tasks)
+        elif record is not None:
+            info = JobInfo(job_id, JobStatus.COMPLETED if record == 0 else JobStatus.FAILED, record, 0, source="record")
         else:
-            info = account_info
-        if info is None and record is not None:
-            status = JobStatus.COMPLETED if record == 0 else JobStatus.FAILED
-            info = JobInfo(job_id, status, record, 0, source="record")
-        if info is None:
-            status = JobStatus.PENDING if job_id in recent_ids else JobStatus.UNKNOWN
-            info = JobInfo(job_id, status, source="none")
+            info = JobInfo(job_id, JobStatus.PENDING if job_id in recent_ids else JobStatus.UNKNOWN, source="none")
         if info.exit_code is None and record is not None and info.status.is_finished:
             info = dataclasses.replace(info, exit_code=record)
         result[job_id] = info
@@ -697,14 +699,30 @@ def watcher_command(record_paths: Mapping[str, str]) -> str:
 
 
 def submit_command(script_path: str, directories: Iterable[str], sbatch_args: Sequence[str]) -> str:
-    """Remote command: create directories, write the script from stdin, sbatch it; on refusal remove the script."""
+    """Remote command: create directories, write the script from stdin, sbatch it; on refusal remove the script.
+
+    sbatch's exit code is printed as a last ``@@ N`` line, because sbatch itself may exit 255, which would read as
+    a failure of ssh.
+    """
     quoted_script = shlex.quote(script_path)
     mkdirs = shlex.join(["mkdir", "-p", *sorted(set(directories))])
     sbatch = shlex.join(["sbatch", "--parsable", *sbatch_args, script_path])
     return (
         f"{mkdirs} && cat > {quoted_script} && chmod 700 {quoted_script} && "
-        f"{{ {sbatch} || {{ rc=$?; rm -f {quoted_script}; exit $rc; }}; }}"
+        f"{{ {sbatch}; rc=$?; if [ $rc != 0 ]; then rm -f {quoted_script}; fi; echo \"@@ $rc\"; }}"
     )
+
+
+def parse_submit_output(stdout: str) -> tuple[str, int]:
+    r"""Split what `submit_command` printed into (sbatch's stdout, sbatch's exit code).
+
+    >>> parse_submit_output("42\n@@ 0\n")
+    ('42\n', 0)
+    """
+    match = re.search(r"^@@ (\d+)\n?\Z", stdout, flags=re.MULTILINE)
+    if not match:
+        raise ValueError(f"unexpected submission output: {stdout[:200]!r}")
+    return stdout[:match.start()], int(match.group(1))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -1222,8 +1240,9 @@ class SSHConnection:
     def _target_args(self, for_scp: bool = False) -> list[str]:
         profile = self.profile
         args = []
-        if profile.ssh_config:
-            args += ["-F", profile.ssh_config]
+        ssh_config = profile.ssh_config or os.environ.get("SL_FORGERY_SSH_CONFIG")
+        if ssh_config:
+            args += ["-F", os.path.expanduser(ssh_config)]
         if profile.port:
             args += ["-P" if for_scp else "-p", str(profile.port)]
         if profile.user:
@@ -1303,6 +1322,8 @@ class SSHConnection:
         _private_dir(control_dir())
         if self.is_connected():
             return False
+        # A master that died hard leaves its socket behind, and a new master will not listen where a file is.
+        Path(self.socket_path()).unlink(missing_ok=True)
         argv = self._master_argv()
         self._log(argv)
         log_path = control_dir() / f"master-{os.getpid()}.log"
@@ -1318,6 +1339,16 @@ class SSHConnection:
             raise SSHError(argv, result.returncode, "", message, what=f"ssh to {self.describe()}")
         self.master_starts += 1
         return True
+
+    def socket_path(self) -> str:
+        """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination."""
+        argv = ["ssh", "-G", *self._mux_args(), *self._target_args(), "--", self.profile.host]
+        result = _run(argv, timeout=10)
+        for line in result.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "controlpath":
+                return value
+        raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -G")
 
     def disconnect(self) -> bool:
         if not self.is_connected():
@@ -1522,15 +1553,15 @@ class Server:
                                         f"{safe_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.sh"))
         log_dirs = [str(PurePosixPath(path).parent) for path in logs if "%" not in str(PurePosixPath(path).parent)]
         command = submit_command(script_path, [str(PurePosixPath(script_path).parent), *log_dirs], sbatch_args)
-        result = self.connection.run(command, input_text=script, check=False)
-        if result.returncode != 0:
-            error = SSHError if result.returncode == 255 else SlurmError
-            raise error(self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr,
-                        what=f"sbatch on {self.connection.describe()}")
+        argv = self.connection.ssh_argv(command)
+        result = self.connection.run(command, input_text=script, what=f"preparing {working_directory}")
         try:
-            return parse_sbatch_id(result.stdout)
+            sbatch_stdout, sbatch_rc = parse_submit_output(result.stdout)
+            if sbatch_rc != 0:
+                raise SlurmError(argv, sbatch_rc, sbatch_stdout, result.stderr, what="sbatch")
+            return parse_sbatch_id(sbatch_stdout)
         except ValueError as problem:
-            raise SlurmError(self.connection.ssh_argv(command), 0, result.stdout, str(problem), what="sbatch") from None
+            raise SlurmError(argv, 0, result.stdout, f"{result.stderr}\n{problem}", what="sbatch") from None
 
     def _remember(self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str) -> None:
         self._submitted_at[job_id] = time.time()

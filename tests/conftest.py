@@ -4,6 +4,7 @@ and a real Secret Service keyring (gnome-keyring on a private D-Bus session)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ class Cluster:
 
     def sshd_connections(self) -> int:
         """Connections the test sshd has accepted so far."""
-        return sum(1 for line in self.sshd_log.read_text(errors="replace").splitlines() if "Accepted " in line)
+        return len(re.findall(r"^Accepted \S+ for ", self.sshd_log.read_text(errors="replace"), flags=re.MULTILINE))
 
 
 def _cluster_env() -> dict[str, str]:

@@ -1,0 +1,337 @@
+"""Headless jobs against the real cluster: submission, states, waiting, the CLI and its exit codes."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import sl_forgery
+from conftest import cli, console_script
+from sl_forgery import Job, JobStatus, Server, SlurmError, UsageError
+
+
+def make_job(remote_dir: str, name: str = "job", env: str | None = "analysis", **extra) -> Job:
+    return Job(name, f"{remote_dir}/out.txt", f"{remote_dir}/err.txt", remote_dir, conda_environment=env,
+               cpus_to_use=1, ram_gb=0.25, time_limit=5, **extra)
+
+
+def test_a_job_runs_in_its_conda_environment_and_completes(server, remote_dir):
+    job = make_job(remote_dir, environment={"GREETING": "hello there"})
+    job.add_command('echo "$GREETING from $CONDA_DEFAULT_ENV"')
+    job.add_command("sl-verify-session -sp /data/s1")
+    assert server.submit_job(job) is job and job.job_id.isdigit()
+    final = server.wait([job.job_id], timeout=60)[job.job_id]
+    assert (final.status, final.exit_code) == (JobStatus.COMPLETED, 0)
+    assert server.read_file(f"{remote_dir}/out.txt").splitlines() == [
+        "hello there from analysis", "verified session /data/s1 with Python 3.11.2"]
+    assert server.get_job_status(int(job.job_id)) is JobStatus.COMPLETED
+    assert server.job_complete(job)
+
+
+def test_the_first_failing_command_ends_the_job_with_its_exit_code(server, remote_dir):
+    job = make_job(remote_dir, env=None)
+    job.add_command("echo before")
+    job.add_command("echo 'boom' >&2; exit 3")
+    job.add_command("echo never")
+    server.submit_job(job)
+    final = server.wait(job.job_id, timeout=60)[job.job_id]
+    assert (final.status, final.exit_code) == (JobStatus.FAILED, 3)
+    assert server.read_file(f"{remote_dir}/out.txt") == "before\n"
+    assert "boom" in server.read_file(f"{remote_dir}/err.txt")
+
+
+def test_a_missing_conda_environment_fails_with_a_clear_message(server, remote_dir):
+    job = make_job(remote_dir, env="no_such_env")
+    job.add_command("echo never")
+    server.submit_job(job)
+    assert server.wait(job.job_id, timeout=60)[job.job_id].status is JobStatus.FAILED
+    errors = server.read_file(f"{remote_dir}/err.txt")
+    assert "cannot activate conda environment no_such_env" in errors
+    assert server.read_file(f"{remote_dir}/out.txt") == ""
+
+
+def test_submitting_a_job_twice_is_refused(server, remote_dir):
+    job = make_job(remote_dir, env=None)
+    job.add_command("true")
+    server.submit_job(job)
+    with pytest.raises(UsageError, match="already submitted"):
+        server.submit_job(job)
+
+
+def test_hostile_names_and_paths_survive_the_round_trip(server, cluster, remote_dir):
+    odd = "we'ird \"name\" $HOME `uname` #1 ünï"
+    directory = f"{remote_dir}/{odd}"
+    job = Job(odd, f"{directory}/out {odd}.txt", f"{directory}/err.txt", directory, conda_environment="analysis",
+              cpus_to_use=1, ram_gb=0.25, time_limit=5, environment={"ODD": odd})
+    job.add_command('printf "%s|%s|%s\\n" "$SLURM_JOB_NAME" "$PWD" "$ODD"')
+    server.submit_job(job)
+    final = server.wait(job.job_id, timeout=60)[job.job_id]
+    assert final.status is JobStatus.COMPLETED, server.read_file(f"{directory}/err.txt")
+    assert server.read_file(f"{directory}/out {odd}.txt") == f"{odd}|{directory}|{odd}\n"
+    row = cluster.ssh(f"sacct -X -n -P -o JobName -j {job.job_id}").stdout.strip()
+    assert row in (odd, "allocation")
+
+
+def test_a_bad_sbatch_option_raises_slurms_message_and_leaves_no_job(server, cluster, remote_dir):
+    before = cluster.ssh("squeue -h -u slftest -o %i; sacct -X -n -P -S now-1hour -o JobID").stdout.split()
+    job = make_job(remote_dir, env=None, partition="no_such_partition")
+    job.add_command("true")
+    with pytest.raises(SlurmError) as error:
+        server.submit_job(job)
+    assert "Invalid partition name specified" in error.value.summary
+    assert error.value.returncode == 1 and "sbatch" in " ".join(error.value.argv)
+    assert job.job_id is None
+    after = cluster.ssh("squeue -h -u slftest -o %i; sacct -X -n -P -S now-1hour -o JobID").stdout.split()
+    assert set(after) == set(before)
+    assert cluster.ssh(f"ls -A {remote_dir}/.sl-forgery").stdout == ""
+
+
+def test_cancelled_job_reads_cancelled(server, remote_dir):
+    job = make_job(remote_dir, env=None)
+    job.add_command("sleep 300")
+    server.submit_job(job)
+    server.cancel(job.job_id)
+    assert server.wait(job.job_id, timeout=60)[job.job_id].status is JobStatus.CANCELLED
+
+
+def test_array_and_dependency_jobs(server, remote_dir):
+    array = Job("array", f"{remote_dir}/task-%a.txt", f"{remote_dir}/err-%a.txt", remote_dir, cpus_to_use=1,
+                ram_gb=0.25, time_limit=5, array="1-3")
+    array.add_command('echo "task $SLURM_ARRAY_TASK_ID"')
+    server.submit_job(array)
+    follower = Job("after", f"{remote_dir}/after.txt", f"{remote_dir}/after-err.txt", remote_dir, cpus_to_use=1,
+                   ram_gb=0.25, time_limit=5, dependency=[array.job_id])
+    follower.add_command(f"cat {remote_dir}/task-*.txt")
+    server.submit_job(follower)
+    finals = server.wait([array.job_id, follower.job_id], timeout=90)
+    assert finals[array.job_id].status is JobStatus.COMPLETED
+    assert finals[follower.job_id].status is JobStatus.COMPLETED
+    assert server.read_file(f"{remote_dir}/after.txt") == "task 1\ntask 2\ntask 3\n"
+
+
+def test_statuses_of_fifty_jobs_come_in_one_round_trip(server, cluster, remote_dir):
+    ids = cluster.ssh(
+        f"mkdir -p {remote_dir} && for i in $(seq 50); do sbatch --parsable -o /dev/null --wrap 'exit 0'; done"
+    ).stdout.split()
+    assert len(ids) == 50
+    before = server.scheduler_queries
+    statuses = server.get_job_statuses(ids)
+    assert server.scheduler_queries == before + 1
+    assert set(statuses) == set(ids)
+    assert all(status is not JobStatus.UNKNOWN for status in statuses.values())
+    assert set(server.wait(ids, timeout=120).keys()) == set(ids)
+
+
+def test_a_job_just_submitted_is_pending_not_unknown(server, remote_dir):
+    job = make_job(remote_dir, env=None)
+    job.add_command("sleep 2")
+    server.submit_job(job)
+    assert server.get_job_status(job.job_id) in (JobStatus.PENDING, JobStatus.RUNNING)
+    server.wait(job.job_id, timeout=60)
+
+
+def test_wait_notices_the_end_within_a_second_without_polling_the_scheduler(server, remote_dir):
+    job = make_job(remote_dir, env=None)
+    job.add_command("sleep 6")
+    server.submit_job(job)
+    before = server.scheduler_queries
+    started = time.monotonic()
+    final = server.wait(job.job_id, timeout=60)[job.job_id]
+    elapsed = time.monotonic() - started
+    assert final.status is JobStatus.COMPLETED
+    assert elapsed < 9.5, f"the end was noticed {elapsed:.1f} s after submission of a 6 s job"
+    assert server.scheduler_queries - before <= 3
+
+
+def test_statuses_stay_right_without_accounting(cluster, server, remote_dir):
+    job = make_job(remote_dir, env=None)
+    job.add_command("exit 4")
+    server.submit_job(job)
+    server.wait(job.job_id, timeout=60)
+    # A scheduler that knows nothing (no accounting, job aged out of squeue): only the exit record remains.
+    records = {job.job_id: sl_forgery.exit_record_path(remote_dir, job.job_id)}
+    output = server.connection.run(sl_forgery.status_query_command(["999999"], records)).stdout
+    *_, record_lines = sl_forgery.parse_status_query(output)
+    merged = sl_forgery.merge_job_info([job.job_id], {}, None, sl_forgery.parse_exit_records(record_lines))
+    assert (merged[job.job_id].status, merged[job.job_id].exit_code) == (JobStatus.FAILED, 4)
+
+
+@pytest.mark.slow
+def test_a_job_past_its_time_limit_reads_timeout(server, remote_dir):
+    job = Job("slow", f"{remote_dir}/out.txt", f"{remote_dir}/err.txt", remote_dir, cpus_to_use=1, ram_gb=0.25,
+              time_limit=1)
+    job.add_command("sleep 600")
+    server.submit_job(job)
+    assert server.wait(job.job_id, timeout=240)[job.job_id].status is JobStatus.TIMEOUT
+
+
+# ---- the connection ----------------------------------------------------------------------------------------------
+
+
+def test_fifty_calls_use_one_connection(server, cluster):
+    server.connection.disconnect()
+    before = cluster.sshd_connections()
+    for _ in range(50):
+        server.connection.run("true")
+    assert cluster.sshd_connections() - before == 1
+
+
+def test_cli_calls_seconds_apart_reuse_one_connection(profile_name, cluster):
+    assert cli("disconnect").returncode == 0
+    before = cluster.sshd_connections()
+    for _ in range(3):
+        assert cli("queue").returncode == 0
+        time.sleep(1)
+    assert cluster.sshd_connections() - before == 1
+
+
+def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
+    server.connection.run("true")
+    socket_dir = sl_forgery.control_dir()
+    master_pids = subprocess.run(["pgrep", "-f", f"ssh -M -N -f .*ControlPath={socket_dir}"], capture_output=True,
+                                 text=True).stdout.split()
+    assert master_pids
+    for pid in master_pids:
+        os.kill(int(pid), signal.SIGKILL)
+    before = cluster.sshd_connections()
+    for _ in range(5):
+        assert server.connection.run("echo ok").stdout == "ok\n"
+    assert cluster.sshd_connections() - before == 1
+    assert server.connection.master_starts == 1
+
+
+def test_a_failed_remote_command_raises_with_command_code_and_stderr(server):
+    with pytest.raises(sl_forgery.CommandError) as error:
+        server.connection.run("echo oops >&2; exit 7")
+    assert error.value.returncode == 7 and "oops" in error.value.stderr and "exit 7" in error.value.argv[-1]
+
+
+def test_file_helpers_round_trip(server, remote_dir, tmp_path):
+    local = tmp_path / "data"
+    (local / "sub").mkdir(parents=True)
+    (local / "a.txt").write_text("alpha")
+    (local / "sub" / "b.txt").write_text("beta")
+    server.push_directory(local, f"{remote_dir}/copy")
+    assert server.exists(f"{remote_dir}/copy/sub/b.txt")
+    back = tmp_path / "back"
+    server.pull_directory(back, f"{remote_dir}/copy")
+    assert (back / "a.txt").read_text() == "alpha" and (back / "sub" / "b.txt").read_text() == "beta"
+    server.push_file(local / "a.txt", f"{remote_dir}/single.txt")
+    server.pull_file(tmp_path / "single.txt", f"{remote_dir}/single.txt")
+    assert (tmp_path / "single.txt").read_text() == "alpha"
+    server.remove(f"{remote_dir}/copy", recursive=True)
+    assert not server.exists(f"{remote_dir}/copy")
+    server.create_directory(f"{remote_dir}/new/deeper")
+    assert server.exists(f"{remote_dir}/new/deeper")
+
+
+def test_roots_follow_the_original_rules(server, cluster):
+    assert str(server.raw_data_root) == f"{cluster.home}/storage/lab_data"
+    assert str(server.processed_data_root) == f"{cluster.home}/work/lab_data"
+    assert str(server.user_data_root) == f"{cluster.home}/storage/slftest"
+    assert str(server.user_working_root) == f"{cluster.home}/work/slftest"
+
+
+# ---- the command line ----------------------------------------------------------------------------------------------
+
+
+def test_cli_submit_prints_only_the_id_and_wait_exits_zero(profile_name, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --job-name=from-file\n#SBATCH --time=5\necho from script\n")
+    submitted = cli("submit", str(script), "--mem", "0.25")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.isdigit() and submitted.stdout == f"{job_id}\n"
+    waited = cli("wait", job_id)
+    assert waited.returncode == 0, waited.stderr
+    assert "COMPLETED" in waited.stderr
+    logs = cli("logs", job_id)
+    assert logs.stdout == "from script\n"
+
+
+def test_cli_wait_exits_with_a_failed_jobs_code_and_shows_its_error_log(profile_name):
+    ran = cli("run", "--mem", "0.25", "--wait", "--", "sh", "-c", "echo visible; echo 'went wrong' >&2; exit 3")
+    assert ran.returncode == 3
+    assert ran.stdout.splitlines()[-1] == "visible"
+    assert "went wrong" in ran.stderr and "FAILED" in ran.stderr
+
+
+def test_cli_exit_codes_for_cancelled_timeout_and_interrupt(profile_name):
+    job_id = cli("run", "--mem", "0.25", "--", "sleep", "300").stdout.strip()
+    timed_out = cli("wait", "--timeout", "2", job_id)
+    assert timed_out.returncode == 124 and "still running" in timed_out.stderr
+    waiting = subprocess.Popen([console_script("sl-forgery"), "wait", job_id], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    waiting.send_signal(signal.SIGINT)
+    _, stderr = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130 and "keep running" in stderr
+    assert cli("status", "--json", job_id).returncode == 0
+    assert cli("cancel", job_id).returncode == 0
+    cancelled = cli("wait", job_id)
+    assert cancelled.returncode == 1 and "CANCELLED" in cancelled.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_two(profile_name, tmp_path):
+    missing = cli("submit", str(tmp_path / "nope.sh"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+    bad_id = cli("wait", "12abc")
+    assert bad_id.returncode == 2 and "is not a SLURM job id" in bad_id.stderr
+    unknown = cli("--server", "nowhere", "status")
+    assert unknown.returncode == 2 and "no server named 'nowhere'" in unknown.stderr
+
+
+def test_cli_ssh_failure_exits_255(home, cluster):
+    added = cli("server", "add", "closed", "--host", "127.0.0.1", "--port", "1", "--user", "nobody")
+    assert added.returncode == 0, added.stderr
+    result = cli("queue")
+    assert result.returncode == 255 and result.stderr.startswith("sl-forgery: error: ssh to nobody@127.0.0.1:1")
+    assert result.stderr.count("\n") == 1
+
+
+def test_dry_run_connects_to_nothing(home):
+    result = cli("run", "--dry-run", "--env", "analysis", "--", "python", "-c", "print('x y')")
+    assert result.returncode == 0
+    assert "conda activate analysis" in result.stdout and "python -c 'print('\"'\"'x y'\"'\"')'" in result.stdout
+
+
+def test_original_readme_flow_with_legacy_credentials_works_word_for_word(cluster, home, tmp_path, monkeypatch):
+    # The original README's example, with its paths moved under the test user's home and the password
+    # login the legacy file implies; the server is told to use the test cluster's ssh settings.
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+                          f"  UserKnownHostsFile {cluster.known_hosts}\n")
+    monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
+    credentials = tmp_path / "server_credentials.yaml"
+    credentials.write_text(f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
+                           f"storage_root: {cluster.home}/storage\nworking_root: {cluster.home}/work\n"
+                           "shared_directory_name: sun_data\n")
+    credentials.chmod(0o600)
+    temp = f"{cluster.home}/temp-{os.getpid()}"
+    subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sl_forgery.control_dir()}/%C", "-p", str(cluster.port),
+                    "-l", cluster.user, cluster.host], capture_output=True)
+
+    job = Job(
+        job_name="data_integrity_verification",
+        output_log=Path(f"{temp}/output.txt"),
+        error_log=Path(f"{temp}/errors.txt"),
+        working_directory=Path(f"{temp}/test_job"),
+        conda_environment="test_environment",
+        cpus_to_use=20,
+        ram_gb=50,
+        time_limit=20,
+    )
+    job.add_command(f"sl-verify-session -sp {temp}/test_session")
+
+    server = Server(credentials_path=credentials)
+    job = server.submit_job(job)
+
+    from sl_forgery.server import JobStatus as OriginalJobStatus
+    while server.get_job_status(int(job.job_id)) in (OriginalJobStatus.PENDING, OriginalJobStatus.RUNNING):
+        time.sleep(0.5)
+    final_status = server.get_job_status(int(job.job_id))
+    assert final_status == OriginalJobStatus.COMPLETED
+    assert server.read_file(f"{temp}/output.txt") == f"verified session {temp}/test_session with Python 3.11.2\n"
