@@ -151,6 +151,20 @@ class SSHError(CommandError):
 
     exit_code = EXIT_SSH
 
+    @property
+    def summary(self) -> str:
+        text = self.stderr
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
+            changed = "HAS CHANGED" in text
+            problem = "its host key has CHANGED (possible man-in-the-middle)" if changed else "its host key is unknown"
+            advice = ("if the server was reinstalled, remove the old key with ssh-keygen -R and accept the new one"
+                      if changed else "connect once with plain ssh, or use 'sl-forgery server add --accept-host-key'")
+            return f"{self.what} refused: {problem}; {advice}"
+        if "Permission denied" in text:
+            return (f"{self.what} failed: authentication refused ({text.strip().splitlines()[-1]}); check the user "
+                    "name, your key, or the password in the keyring ('sl-forgery server add NAME ... --password')")
+        return super().summary
+
 
 class SlurmError(CommandError):
     """A SLURM command (sbatch, squeue, sacct, scancel) refused or failed."""
@@ -903,6 +917,12 @@ def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def _yaml_error_line(error: Exception) -> str:
+    """``:LINE`` of a YAML error: where the broken construct began if known, else where parsing stopped."""
+    mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+    return f":{mark.line + 1}" if mark else ""
+
+
 def load_config(path: Path | None = None) -> Config:
     """Read the servers file; any problem is a one-line `ConfigError` naming the file, the line and the fix."""
     import yaml
@@ -918,8 +938,7 @@ def load_config(path: Path | None = None) -> Config:
         data = yaml.safe_load(text) or {}
         key_lines = _yaml_key_lines(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
+        where = _yaml_error_line(error)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path}{where}: not valid YAML ({problem}); fix the file or move it away") from None
     if not isinstance(data, dict):
@@ -940,11 +959,11 @@ def load_config(path: Path | None = None) -> Config:
         settings = settings or {}
         if not isinstance(settings, dict):
             raise fail(("servers", name), f"server {name!r} must be a mapping of settings")
+        if "password" in settings:
+            raise fail(("servers", name, "password"), "passwords do not belong in this file; use 'sl-forgery server add --password'")
         for key in settings:
             if key not in PROFILE_KEYS:
                 raise fail(("servers", name, key), f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})")
-        if "password" in settings:
-            raise fail(("servers", name, "password"), "passwords do not belong in this file; use 'sl-forgery server add --password'")
         if not settings.get("host"):
             raise fail(("servers", name), f"server {name!r} has no 'host'")
         try:
@@ -1075,8 +1094,7 @@ def read_legacy_credentials(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"credentials file {path} does not exist; create it with 'sl-create-server-credentials'") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
+        where = _yaml_error_line(error)
         raise ConfigError(f"{path}{where}: not valid YAML; recreate it with 'sl-create-server-credentials'") from None
     if not isinstance(data, dict) or not data.get("host") or not data.get("username"):
         raise ConfigError(f"{path} is not a server credentials file (it needs at least 'host' and 'username')")
@@ -1342,11 +1360,15 @@ class SSHConnection:
 
     def socket_path(self) -> str:
         """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination."""
+        return self.ssh_setting("controlpath")
+
+    def ssh_setting(self, name: str) -> str:
+        """One setting as OpenSSH resolves it for this destination (``ssh -G``), e.g. ``userknownhostsfile``."""
         argv = ["ssh", "-G", *self._mux_args(), *self._target_args(), "--", self.profile.host]
         result = _run(argv, timeout=10)
         for line in result.stdout.splitlines():
             key, _, value = line.partition(" ")
-            if key == "controlpath":
+            if key == name:
                 return value
         raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -G")
 
@@ -2038,6 +2060,9 @@ def cmd_server_add(args: Any) -> int:
         shared_directory_name=args.shared_directory_name, conda_environment=args.conda_env,
         partition=args.partition, account=args.account,
     )
+    if args.accept_host_key:
+        fingerprints = accept_host_key(SSHConnection(profile, verbose=args.verbose))
+        print(f"accepted the host key of {profile.host}:\n{fingerprints.rstrip()}", file=sys.stderr)
     password = _read_new_password(args)
     if password is not None:
         store_password(profile.keyring_account, password)
@@ -2100,6 +2125,70 @@ def cmd_server_import(args: Any) -> int:
     profile = import_legacy_credentials(Path(args.file), name, config)
     if not args.quiet:
         print(f"imported {args.file} as server {profile.name!r}; its password is in the OS keyring", file=sys.stderr)
+    return EXIT_OK
+
+
+def accept_host_key(connection: SSHConnection) -> str:
+    """Fetch the server's host key, show its fingerprint, and record it in the known_hosts file ssh uses for it.
+    A different key already recorded for that host is never replaced."""
+    host, port = connection.ssh_setting("hostname"), connection.ssh_setting("port")
+    known_hosts = Path(os.path.expanduser(connection.ssh_setting("userknownhostsfile").split()[0]))
+    name = host if port == "22" else f"[{host}]:{port}"
+    scan_argv = ["ssh-keyscan", "-p", port, "-t", "ed25519,ecdsa,rsa", host]
+    scan = _run(scan_argv, timeout=30)
+    keys = [line for line in scan.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise SSHError(scan_argv, scan.returncode, scan.stdout, scan.stderr, what=f"fetching the host key of {name}")
+    fingerprints = _run(["ssh-keygen", "-lf", "-"], input_text="\n".join(keys) + "\n", timeout=10).stdout
+    if known_hosts.exists():
+        recorded = _run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], timeout=10).stdout
+        recorded_keys = {" ".join(line.split()[1:3]) for line in recorded.splitlines() if not line.startswith("#")}
+        offered = {" ".join(line.split()[1:3]) for line in keys}
+        if recorded_keys and not recorded_keys & offered:
+            raise SSHError(scan_argv, 0, "", f"{known_hosts} already holds a different host key for {name}",
+                           what=f"accepting the host key of {name}")
+        if recorded_keys & offered:
+            return fingerprints
+    known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(keys) + "\n")
+    return fingerprints
+
+
+def cmd_server_setup_key(args: Any) -> int:
+    config = load_config()
+    profile = config.profile(args.name)
+    key = Path(os.path.expanduser(args.key or profile.identity_file or "~/.ssh/id_ed25519"))
+    if not key.exists():
+        _private_dir(key.parent)
+        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{profile.user or 'sl-forgery'}@sl-forgery",
+                  "-f", str(key)]
+        result = _run(keygen, timeout=30)
+        if result.returncode != 0:
+            raise CommandError(keygen, result.returncode, result.stdout, result.stderr, what="ssh-keygen")
+        print(f"created {key} (no passphrase; add one with 'ssh-keygen -p -f {key}')", file=sys.stderr)
+    public_key = Path(f"{key}.pub").read_text(encoding="utf-8").strip()
+    connection = SSHConnection(profile, verbose=args.verbose)
+    quoted = shlex.quote(public_key)
+    connection.run(
+        "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+        f"{{ grep -qxF {quoted} ~/.ssh/authorized_keys || printf '%s\\n' {quoted} >> ~/.ssh/authorized_keys; }}",
+        what="installing the public key")
+    # Prove the key works on a connection of its own, password refused, before the password is forgotten.
+    check_argv = ["ssh", "-o", "ControlPath=none", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
+                  "-o", "KbdInteractiveAuthentication=no", *connection._target_args(), "-i", str(key), "--",
+                  profile.host, "true"]
+    result = _run(check_argv, timeout=60)
+    if result.returncode != 0:
+        raise SSHError(check_argv, result.returncode, result.stdout, result.stderr, what="logging in with the new key")
+    profile.identity_file = str(key)
+    if profile.password_in_keyring:
+        delete_password(profile.keyring_account)
+        profile.password_in_keyring = False
+    config.save()
+    if not args.quiet:
+        print(f"{profile.name}: key login works with {key}; the password is no longer needed or kept", file=sys.stderr)
     return EXIT_OK
 
 
@@ -2244,6 +2333,8 @@ def get_parser() -> Any:
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--password", action="store_true", help="prompt for a password and keep it in the OS keyring")
     secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--accept-host-key", action="store_true",
+                     help="fetch the server's host key, show its fingerprint and record it in known_hosts")
     add.add_argument("--default", action="store_true", help="make it the default server")
     add.add_argument("--replace", action="store_true", help="overwrite a profile of the same name")
     server_command("list", cmd_server_list, "list server profiles", json_flag)
@@ -2255,6 +2346,10 @@ def get_parser() -> Any:
     action = server_command("check", lambda a: cmd_check(argparse.Namespace(**{**vars(a), "server": a.name})),
                             "check a server")
     action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
+    action = server_command("setup-key", cmd_server_setup_key,
+                            "create an ed25519 key if needed and install it on the server, so no password is needed")
+    action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
+    action.add_argument("--key", metavar="FILE", help="private key to use or create (default ~/.ssh/id_ed25519)")
     action = server_command("import", cmd_server_import,
                             "import a legacy server_credentials.yaml (the password moves to the keyring)")
     action.add_argument("file", metavar="FILE").complete = _COMPLETE_FILE  # type: ignore[attr-defined]

@@ -1,0 +1,287 @@
+"""Servers and secrets with real components: a Secret Service keyring, the test sshd, and the askpass helper."""
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import sl_forgery
+from conftest import cli, console_script
+
+
+def password_profile(cluster, name="pw", known_hosts=None) -> sl_forgery.Profile:
+    return sl_forgery.Profile(
+        name=name, host=cluster.host, port=cluster.port, user=cluster.user, password_in_keyring=True,
+        ssh_options=[f"UserKnownHostsFile={known_hosts or cluster.known_hosts}", "PubkeyAuthentication=no"],
+    )
+
+
+def save_profile(profile: sl_forgery.Profile) -> None:
+    config = sl_forgery.load_config()
+    config.servers[profile.name] = profile
+    config.default = config.default or profile.name
+    config.save()
+
+
+def close_master(profile: sl_forgery.Profile) -> None:
+    sl_forgery.SSHConnection(profile).disconnect()
+
+
+def processes_holding(secret: bytes) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                if secret in (entry / part).read_bytes():
+                    found.append(f"{entry.name}/{part}")
+            except OSError:
+                continue
+    return found
+
+
+def test_keyring_stores_reads_and_deletes(secret_service):
+    backend = sl_forgery.secure_keyring()
+    assert type(backend).__module__ == "keyring.backends.SecretService"
+    sl_forgery.store_password("someone@example:22", "s3cret value")
+    assert sl_forgery.get_password("someone@example:22") == "s3cret value"
+    assert sl_forgery.delete_password("someone@example:22")
+    assert sl_forgery.get_password("someone@example:22") is None
+
+
+def test_password_login_through_askpass_leaks_the_password_nowhere(secret_service, cluster, home):
+    profile = password_profile(cluster)
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+    close_master(profile)
+    secret = cluster.password.encode()
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.extend(processes_holding(secret))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        connection = sl_forgery.SSHConnection(profile)
+        assert connection.connect()
+        assert connection.run("whoami").stdout == f"{cluster.user}\n"
+    finally:
+        done.set()
+        watcher.join()
+    assert seen == []
+    assert processes_holding(secret) == []
+    for path in home.rglob("*"):
+        assert not path.is_file() or secret not in path.read_bytes(), path
+    for path in sl_forgery.control_dir().iterdir():
+        assert not path.is_file() or secret not in path.read_bytes(), path
+    verbose = cli("-v", "-s", "pw", "check")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "+ ssh" in verbose.stderr and cluster.password not in verbose.stderr + verbose.stdout
+    close_master(profile)
+
+
+def test_a_wrong_password_fails_fast_with_a_clear_error(secret_service, cluster, home):
+    profile = password_profile(cluster, name="wrong")
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, "not-the-password")
+    close_master(profile)
+    started = time.monotonic()
+    result = cli("-s", "wrong", "queue")
+    assert time.monotonic() - started < 15
+    assert result.returncode == 255
+    assert result.stderr.startswith(f"sl-forgery: error: ssh to {cluster.user}@{cluster.host}:{cluster.port} failed: "
+                                    "authentication refused")
+    assert "not-the-password" not in result.stderr and result.stderr.count("\n") == 1
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+
+
+def test_an_insecure_keyring_is_refused_and_nothing_is_written(home):
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    result = cli("server", "add", "x", "--host", "h", "--user", "u", "--password-stdin", input_text="pw\n", env=env)
+    assert result.returncode == 1
+    assert "no secure keyring is available" in result.stderr and "SSH key" in result.stderr
+    assert not sl_forgery.config_path().exists()
+
+
+def test_askpass_answers_password_prompts_only(secret_service, monkeypatch, capsys):
+    sl_forgery.store_password("u@h:22", "pw-for-askpass")
+    monkeypatch.setenv(sl_forgery.ASKPASS_ACCOUNT_VARIABLE, "u@h:22")
+    assert sl_forgery.askpass_main(["u@h's password: "]) == 0
+    assert capsys.readouterr().out == "pw-for-askpass\n"
+    host_key_prompt = ("The authenticity of host '[h]:22' can't be established.\nED25519 key fingerprint is SHA256:x.\n"
+                       "Are you sure you want to continue connecting (yes/no/[fingerprint])? ")
+    assert sl_forgery.askpass_main([host_key_prompt]) == 1
+    assert capsys.readouterr().out == ""
+    sl_forgery.delete_password("u@h:22")
+
+
+def test_an_unknown_host_key_is_not_confirmed_by_askpass(secret_service, cluster, home, tmp_path):
+    profile = password_profile(cluster, name="unknown", known_hosts=tmp_path / "empty_known_hosts")
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+    close_master(profile)
+    result = cli("-s", "unknown", "queue")
+    assert result.returncode == 255
+    assert "host key is unknown" in result.stderr and cluster.host in result.stderr
+    assert not (tmp_path / "empty_known_hosts").exists() or cluster.host not in (tmp_path / "empty_known_hosts").read_text()
+
+
+def test_accept_host_key_records_the_key_and_shows_its_fingerprint(cluster, home, tmp_path):
+    known = tmp_path / "known_hosts"
+    result = cli("server", "add", "accepted", "--host", cluster.host, "--port", str(cluster.port), "--user",
+                 cluster.user, "--identity-file", str(cluster.key), "--ssh-option", f"UserKnownHostsFile={known}",
+                 "--accept-host-key")
+    assert result.returncode == 0, result.stderr
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", f"{cluster.host_key}.pub"], capture_output=True,
+                                 text=True).stdout.split()[1]
+    assert fingerprint in result.stderr
+    assert f"[{cluster.host}]:{cluster.port}" in known.read_text()
+    close_master(sl_forgery.load_config().profile("accepted"))
+    assert cli("-s", "accepted", "queue").returncode == 0
+
+
+def test_a_changed_host_key_is_refused_naming_the_host(cluster, server, tmp_path):
+    server.connection.disconnect()
+    backup = tmp_path / "host_key_backup"
+    shutil.copy(cluster.host_key, backup)
+    shutil.copy(f"{cluster.host_key}.pub", f"{backup}.pub")
+    sshd_pid = int((cluster.state / "run" / "sshd.pid").read_text())
+    try:
+        cluster.host_key.unlink()
+        Path(f"{cluster.host_key}.pub").unlink()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(cluster.host_key)], check=True)
+        os.kill(sshd_pid, signal.SIGHUP)
+        time.sleep(1)
+        with pytest.raises(sl_forgery.SSHError) as error:
+            server.connection.run("true")
+        assert "host key has CHANGED" in error.value.summary and cluster.host in error.value.summary
+    finally:
+        shutil.copy(backup, cluster.host_key)
+        shutil.copy(f"{backup}.pub", f"{cluster.host_key}.pub")
+        sshd_pid = int((cluster.state / "run" / "sshd.pid").read_text())
+        os.kill(sshd_pid, signal.SIGHUP)
+        time.sleep(1)
+    assert server.connection.run("echo back").stdout == "back\n"
+
+
+def test_setup_key_installs_a_key_and_forgets_the_password(secret_service, cluster, home, tmp_path):
+    profile = password_profile(cluster, name="keyless")
+    profile.ssh_options = [f"UserKnownHostsFile={cluster.known_hosts}", "IdentitiesOnly=yes"]
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+    close_master(profile)
+    key = tmp_path / "keys" / "id_ed25519"
+    result = cli("server", "setup-key", "keyless", "--key", str(key))
+    assert result.returncode == 0, result.stderr
+    assert key.exists() and "key login works" in result.stderr
+    updated = sl_forgery.load_config().profile("keyless")
+    assert updated.identity_file == str(key) and not updated.password_in_keyring
+    assert sl_forgery.get_password(profile.keyring_account) is None
+    close_master(updated)
+    assert cli("-s", "keyless", "queue").returncode == 0
+
+
+def test_config_file_is_private_and_holds_no_secret(secret_service, cluster, home):
+    result = cli("server", "add", "lab", "--host", cluster.host, "--user", cluster.user, "--password-stdin",
+                 input_text="typed-secret\n")
+    assert result.returncode == 0, result.stderr
+    path = sl_forgery.config_path()
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert "typed-secret" not in path.read_text()
+    assert sl_forgery.get_password(f"{cluster.user}@{cluster.host}:22") == "typed-secret"
+    assert cli("server", "remove", "lab").returncode == 0
+    assert sl_forgery.get_password(f"{cluster.user}@{cluster.host}:22") is None
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("servers:\n  a:\n    host: [unclosed\n", ":3: not valid YAML"),
+    ("servers:\n  a:\n    host: h\n    colour: blue\n", ":4: unknown key 'colour' in server 'a'"),
+    ("servers:\n  a:\n    host: h\n    password: x\n", ":4: passwords do not belong in this file"),
+    ("default: b\nservers:\n  a:\n    host: h\n", ":1: default server 'b' is not defined"),
+])
+def test_a_bad_config_file_gives_a_one_line_error_with_its_line_and_is_not_rewritten(home, content, fragment):
+    path = sl_forgery.config_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    path.chmod(0o600)
+    result = cli("server", "add", "new", "--host", "h2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{path}{fragment}" in result.stderr
+    assert path.read_text() == content
+
+
+def test_a_world_readable_config_or_a_missing_profile_is_refused(home, profile_name):
+    path = sl_forgery.config_path()
+    assert "no server named 'elsewhere'" in cli("-s", "elsewhere", "status").stderr
+    path.chmod(0o644)
+    result = cli("status")
+    assert result.returncode == 2 and f"chmod 600 {path}" in result.stderr
+
+
+def test_legacy_credentials_from_the_original_command_work(secret_service, cluster, home, tmp_path, monkeypatch):
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+                          f"  UserKnownHostsFile {cluster.known_hosts}\n")
+    monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
+    created = subprocess.run(
+        [console_script("sl-create-server-credentials"), "-od", str(tmp_path), "-h", cluster.host, "-u", cluster.user,
+         "-p", cluster.password, "-sr", "/storage", "-wr", "/work", "-sdn", "lab"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert created.returncode == 0, created.stderr
+    assert "visible to other users" in created.stderr
+    credentials = tmp_path / "server_credentials.yaml"
+    text = credentials.read_text()
+    assert cluster.password not in text and "password" not in text
+    for line in ("username: slftest", "storage_root: /storage", "raw_data_root: /storage/lab",
+                 "user_working_root: /work/slftest"):
+        assert line in text
+    again = subprocess.run([console_script("sl-create-server-credentials"), "-od", str(tmp_path), "-h", "x", "-u",
+                            "y", "-p", "z"], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and credentials.read_text() == text
+    server = sl_forgery.Server(credentials_path=credentials)
+    close_master(server.profile)
+    assert server.connection.run("whoami").stdout == f"{cluster.user}\n"
+    assert str(server.user_working_root) == "/work/slftest"
+    close_master(server.profile)
+
+
+def test_import_moves_a_plaintext_password_into_the_keyring(secret_service, cluster, home, tmp_path, monkeypatch):
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+                          f"  UserKnownHostsFile {cluster.known_hosts}\n")
+    monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
+    credentials = tmp_path / "server_credentials.yaml"
+    original = (f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
+                "storage_root: /s\nworking_root: /w\nshared_directory_name: lab\n")
+    credentials.write_text(original)
+    credentials.chmod(0o640)
+    legacy = subprocess.run([sys_python(), "-c", "import sl_forgery, sys; "
+                             f"s = sl_forgery.Server(credentials_path={str(credentials)!r}); "
+                             "print(s.connection.run('whoami').stdout, end='')"], capture_output=True, text=True)
+    assert legacy.returncode == 0 and legacy.stdout == f"{cluster.user}\n"
+    assert "holds a plaintext password" in legacy.stderr and "sl-forgery server import" in legacy.stderr
+    result = cli("server", "import", str(credentials), "--name", "imported")
+    assert result.returncode == 0, result.stderr
+    assert cluster.password not in credentials.read_text() and f"username: {cluster.user}" in credentials.read_text()
+    backup = tmp_path / "server_credentials.yaml.bak"
+    assert backup.read_text() == original and backup.stat().st_mode & 0o777 == 0o640
+    profile = sl_forgery.load_config().profile("imported")
+    assert profile.password_in_keyring and sl_forgery.get_password(profile.keyring_account) == cluster.password
+    close_master(profile)
+    assert cli("-s", "imported", "queue").returncode == 0
+    close_master(profile)
+
+
+def sys_python() -> str:
+    import sys
+
+    return sys.executable
