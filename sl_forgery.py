@@ -34,13 +34,17 @@ import os
 import re
 import sys
 import enum
-import json
 import time
 import shlex
-import subprocess
-import dataclasses
+import collections
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Mapping, Sequence
+
+# subprocess, json, yaml, keyring and shtab are imported where they are used, so that --help and completion stay
+# fast; typing names appear only in annotations, which are never evaluated.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any, Callable, Iterable, Mapping, Sequence
 
 APP_NAME = "sl-forgery"
 KEYRING_SERVICE = "sl-forgery"
@@ -157,12 +161,17 @@ class SSHError(CommandError):
         if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
             changed = "HAS CHANGED" in text
             problem = "its host key has CHANGED (possible man-in-the-middle)" if changed else "its host key is unknown"
-            advice = ("if the server was reinstalled, remove the old key with ssh-keygen -R and accept the new one"
-                      if changed else "connect once with plain ssh, or use 'sl-forgery server add --accept-host-key'")
+            advice = (
+                "if the server was reinstalled, remove the old key with ssh-keygen -R and accept the new one"
+                if changed
+                else "connect once with plain ssh, or use 'sl-forgery server add --accept-host-key'"
+            )
             return f"{self.what} refused: {problem}; {advice}"
         if "Permission denied" in text:
-            return (f"{self.what} failed: authentication refused ({text.strip().splitlines()[-1]}); check the user "
-                    "name, your key, or the password in the keyring ('sl-forgery server add NAME ... --password')")
+            return (
+                f"{self.what} failed: authentication refused ({text.strip().splitlines()[-1]}); check the user "
+                "name, your key, or the password in the keyring ('sl-forgery server add NAME ... --password')"
+            )
         return super().summary
 
 
@@ -174,7 +183,7 @@ class SlurmError(CommandError):
 # Pure functions and data: jobs, scripts, states, parsers (no I/O in this section)
 # ======================================================================================================================
 
-_SBATCH_SPECIAL = set(' \t"\\#\'')
+_SBATCH_SPECIAL = set(" \t\"\\#'")
 
 
 def sbatch_quote(value: str) -> str:
@@ -220,8 +229,22 @@ def _remote_path(what: str, value: object) -> str:
 
 
 _MANAGED_OPTIONS = {
-    "job-name", "output", "error", "chdir", "cpus-per-task", "mem", "time", "partition", "account", "qos",
-    "gpus", "nodes", "array", "dependency", "parsable", "wrap",
+    "job-name",
+    "output",
+    "error",
+    "chdir",
+    "cpus-per-task",
+    "mem",
+    "time",
+    "partition",
+    "account",
+    "qos",
+    "gpus",
+    "nodes",
+    "array",
+    "dependency",
+    "parsable",
+    "wrap",
 }
 _OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=.*)?$")
 _ARRAY_RE = re.compile(r"^[0-9]+(-[0-9]+(:[0-9]+)?)?(,[0-9]+(-[0-9]+(:[0-9]+)?)?)*(%[0-9]+)?$")
@@ -231,6 +254,8 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def _normalize_sbatch_options(options: Sequence[str] | Mapping[str, object] | None) -> list[str]:
     """Validate extra raw sbatch options: ``["--constraint=x", "--exclusive"]`` or ``{"constraint": "x"}``."""
+    from collections.abc import Mapping
+
     if options is None:
         return []
     if isinstance(options, Mapping):
@@ -284,8 +309,8 @@ class Job:
         self.output_log = _remote_path("output_log", output_log)
         self.error_log = _remote_path("error_log", error_log)
         self.working_directory = _remote_path("working_directory", working_directory)
-        self.conda_environment = None if conda_environment is None else _check_text(
-            "conda_environment", conda_environment
+        self.conda_environment = (
+            None if conda_environment is None else _check_text("conda_environment", conda_environment)
         )
         self.cpus_to_use = _check_int("cpus_to_use", cpus_to_use)
         if isinstance(ram_gb, bool) or not isinstance(ram_gb, (int, float)) or not ram_gb > 0:
@@ -366,11 +391,11 @@ def render_exit_record() -> list[str]:
     ``wait`` notices the end of a job from this file within a second, and statuses stay right on clusters without
     accounting. POSIX sh, so that it also fits a user's own ``#!/bin/sh`` script.
     """
-    job_ref = '${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}'
+    job_ref = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
     return [
         f'__slf_record="$PWD/{REMOTE_RECORD_DIR}/{job_ref}.exit"',
-        "trap '__slf_rc=$?; mkdir -p \"${__slf_record%/*}\" && printf \"%s\\n\" \"$__slf_rc\" "
-        "> \"$__slf_record.tmp\" && mv -f \"$__slf_record.tmp\" \"$__slf_record\"; exit $__slf_rc' EXIT",
+        'trap \'__slf_rc=$?; mkdir -p "${__slf_record%/*}" && printf "%s\\n" "$__slf_rc" '
+        '> "$__slf_record.tmp" && mv -f "$__slf_record.tmp" "$__slf_record"; exit $__slf_rc\' EXIT',
     ]
 
 
@@ -379,7 +404,7 @@ def render_conda_activation(environment: str) -> list[str]:
     quoted = shlex.quote(environment)
     return [
         '__slf_hook="$(conda shell.bash hook)" || '
-        '{ echo "sl-forgery: conda is not available on $(hostname) (\'conda shell.bash hook\' failed)" >&2; exit 1; }',
+        "{ echo \"sl-forgery: conda is not available on $(hostname) ('conda shell.bash hook' failed)\" >&2; exit 1; }",
         'eval "$__slf_hook"',
         f"conda activate {quoted} || "
         f'{{ echo "sl-forgery: cannot activate conda environment" {quoted} "on $(hostname)" >&2; exit 1; }}',
@@ -496,36 +521,58 @@ class JobStatus(enum.Enum):
         return self.value
 
 
-_FINISHED_STATES = frozenset({
-    JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.NODE_FAIL,
-    JobStatus.PREEMPTED, JobStatus.BOOT_FAIL, JobStatus.DEADLINE, JobStatus.OUT_OF_MEMORY, JobStatus.REVOKED,
-    JobStatus.SPECIAL_EXIT, JobStatus.LAUNCH_FAILED,
-})
+_FINISHED_STATES = frozenset(
+    {
+        JobStatus.COMPLETED,
+        JobStatus.CANCELLED,
+        JobStatus.FAILED,
+        JobStatus.TIMEOUT,
+        JobStatus.NODE_FAIL,
+        JobStatus.PREEMPTED,
+        JobStatus.BOOT_FAIL,
+        JobStatus.DEADLINE,
+        JobStatus.OUT_OF_MEMORY,
+        JobStatus.REVOKED,
+        JobStatus.SPECIAL_EXIT,
+        JobStatus.LAUNCH_FAILED,
+    }
+)
 # When the tasks of an array end differently, the array reads as the first of these that any task has.
 _SEVERITY = [
-    JobStatus.FAILED, JobStatus.OUT_OF_MEMORY, JobStatus.TIMEOUT, JobStatus.NODE_FAIL, JobStatus.BOOT_FAIL,
-    JobStatus.LAUNCH_FAILED, JobStatus.DEADLINE, JobStatus.PREEMPTED, JobStatus.CANCELLED, JobStatus.REVOKED,
-    JobStatus.SPECIAL_EXIT, JobStatus.COMPLETED,
+    JobStatus.FAILED,
+    JobStatus.OUT_OF_MEMORY,
+    JobStatus.TIMEOUT,
+    JobStatus.NODE_FAIL,
+    JobStatus.BOOT_FAIL,
+    JobStatus.LAUNCH_FAILED,
+    JobStatus.DEADLINE,
+    JobStatus.PREEMPTED,
+    JobStatus.CANCELLED,
+    JobStatus.REVOKED,
+    JobStatus.SPECIAL_EXIT,
+    JobStatus.COMPLETED,
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class JobInfo:
-    """What the scheduler (or the job's own exit record) says about one job."""
+class JobInfo(
+    collections.namedtuple(
+        "JobInfo", "job_id status exit_code signal reason name node source", defaults=(None, None, "", "", "", "")
+    )
+):
+    """What the scheduler (or the job's own exit record) says about one job; ``source`` tells which of squeue,
+    sacct, record (the job's exit record) or none gave the answer."""
 
-    job_id: str
-    status: JobStatus
-    exit_code: int | None = None
-    signal: int | None = None
-    reason: str = ""
-    name: str = ""
-    node: str = ""
-    source: str = ""  # squeue, sacct, record or none: where the answer came from
+    __slots__ = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "job_id": self.job_id, "state": self.status.value, "finished": self.status.is_finished,
-            "exit_code": self.exit_code, "signal": self.signal, "reason": self.reason, "name": self.name,
+            "job_id": self.job_id,
+            "state": self.status.value,
+            "finished": self.status.is_finished,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "reason": self.reason,
+            "name": self.name,
             "node": self.node,
         }
 
@@ -605,7 +652,7 @@ def _pick(queue_info: JobInfo | None, account_info: JobInfo | None) -> JobInfo |
 
 def _combine_tasks(job_id: str, tasks: list[JobInfo]) -> JobInfo:
     if len(tasks) == 1:
-        return dataclasses.replace(tasks[0], job_id=job_id)
+        return tasks[0]._replace(job_id=job_id)
     live = [task for task in tasks if not task.status.is_finished]
     if live:
         running = [task for task in live if task.status is JobStatus.RUNNING]
@@ -613,7 +660,7 @@ def _combine_tasks(job_id: str, tasks: list[JobInfo]) -> JobInfo:
     else:
         chosen = min(tasks, key=lambda task: _SEVERITY.index(task.status) if task.status in _SEVERITY else 99)
     codes = [task.exit_code for task in tasks if task.exit_code is not None]
-    return dataclasses.replace(chosen, job_id=job_id, exit_code=max(codes) if codes else None)
+    return chosen._replace(job_id=job_id, exit_code=max(codes) if codes else None)
 
 
 def merge_job_info(
@@ -629,8 +676,11 @@ def merge_job_info(
     sacct_rows = sacct_rows or {}
     result = {}
     for job_id in job_ids:
-        tasks = [info for task_id in _task_ids(job_id, squeue_rows, sacct_rows)
-                 if (info := _pick(squeue_rows.get(task_id), sacct_rows.get(task_id))) is not None]
+        tasks = [
+            info
+            for task_id in _task_ids(job_id, squeue_rows, sacct_rows)
+            if (info := _pick(squeue_rows.get(task_id), sacct_rows.get(task_id))) is not None
+        ]
         record = exit_records.get(job_id)
         if tasks:
             info = _combine_tasks(job_id, tasks)
@@ -639,7 +689,7 @@ def merge_job_info(
         else:
             info = JobInfo(job_id, JobStatus.PENDING if job_id in recent_ids else JobStatus.UNKNOWN, source="none")
         if info.exit_code is None and record is not None and info.status.is_finished:
-            info = dataclasses.replace(info, exit_code=record)
+            info = info._replace(exit_code=record)
         result[job_id] = info
     return result
 
@@ -678,8 +728,8 @@ def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]
     """
     ids = ",".join(sorted({job_id.split("_")[0] for job_id in job_ids}))
     parts = [
-        f"squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo \"@@ $?\"",
-        f"sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo \"@@ $?\"",
+        f'squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo "@@ $?"',
+        f'sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"',
     ]
     for job_id, path in record_paths.items():
         quoted = shlex.quote(path)
@@ -719,11 +769,13 @@ def submit_command(script_path: str, directories: Iterable[str], sbatch_args: Se
     a failure of ssh.
     """
     quoted_script = shlex.quote(script_path)
+    # The test builtin spares a mkdir when the directories exist: every program started there costs an exec.
+    missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in sorted(set(directories)))
     mkdirs = shlex.join(["mkdir", "-p", *sorted(set(directories))])
     sbatch = shlex.join(["sbatch", "--parsable", *sbatch_args, script_path])
     return (
-        f"{mkdirs} && cat > {quoted_script} && chmod 700 {quoted_script} && "
-        f"{{ {sbatch}; rc=$?; if [ $rc != 0 ]; then rm -f {quoted_script}; fi; echo \"@@ $rc\"; }}"
+        f"if {missing}; then {mkdirs}; fi && cat > {quoted_script} && "
+        f'{{ {sbatch}; rc=$?; if [ $rc != 0 ]; then rm -f {quoted_script}; fi; echo "@@ $rc"; }}'
     )
 
 
@@ -736,15 +788,15 @@ def parse_submit_output(stdout: str) -> tuple[str, int]:
     match = re.search(r"^@@ (\d+)\n?\Z", stdout, flags=re.MULTILINE)
     if not match:
         raise ValueError(f"unexpected submission output: {stdout[:200]!r}")
-    return stdout[:match.start()], int(match.group(1))
+    return stdout[: match.start()], int(match.group(1))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """An aligned plain-text table."""
     cells = [[str(value) for value in row] for row in rows]
     widths = [max([len(headers[i])] + [len(row[i]) for row in cells]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
@@ -827,26 +879,44 @@ PROFILE_KEYS = {
 }
 
 
-@dataclasses.dataclass
 class Profile:
     """How to reach one server, and its defaults. Never holds a secret."""
 
-    name: str
-    host: str
-    user: str | None = None
-    port: int | None = None
-    identity_file: str | None = None
-    ssh_config: str | None = None
-    ssh_options: list[str] = dataclasses.field(default_factory=list)
-    password_in_keyring: bool = False
-    storage_root: str | None = None
-    working_root: str | None = None
-    shared_directory_name: str | None = None
-    conda_environment: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    control_persist: int = DEFAULT_CONTROL_PERSIST
-    legacy_credentials: str | None = None  # a legacy file that still holds a plaintext password
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        user: str | None = None,
+        port: int | None = None,
+        identity_file: str | None = None,
+        ssh_config: str | None = None,
+        ssh_options: list[str] | None = None,
+        password_in_keyring: bool = False,
+        storage_root: str | None = None,
+        working_root: str | None = None,
+        shared_directory_name: str | None = None,
+        conda_environment: str | None = None,
+        partition: str | None = None,
+        account: str | None = None,
+        control_persist: int = DEFAULT_CONTROL_PERSIST,
+        legacy_credentials: str | None = None,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.user = user
+        self.port = port
+        self.identity_file = identity_file
+        self.ssh_config = ssh_config
+        self.ssh_options = list(ssh_options or [])
+        self.password_in_keyring = password_in_keyring
+        self.storage_root = storage_root
+        self.working_root = working_root
+        self.shared_directory_name = shared_directory_name
+        self.conda_environment = conda_environment
+        self.partition = partition
+        self.account = account
+        self.control_persist = control_persist
+        self.legacy_credentials = legacy_credentials  # a legacy file that still holds a plaintext password
 
     @property
     def keyring_account(self) -> str:
@@ -857,19 +927,18 @@ class Profile:
         data = {}
         for key in PROFILE_KEYS:
             value = getattr(self, key)
-            default = Profile.__dataclass_fields__[key].default
-            if value not in (None, [], False) and value != default:
+            if value not in (None, [], False) and not (key == "control_persist" and value == DEFAULT_CONTROL_PERSIST):
                 data[key] = value
         return data
 
 
-@dataclasses.dataclass
 class Config:
     """The servers file: named profiles and which one is the default."""
 
-    path: Path
-    servers: dict[str, Profile] = dataclasses.field(default_factory=dict)
-    default: str | None = None
+    def __init__(self, path: Path, servers: dict[str, Profile] | None = None, default: str | None = None) -> None:
+        self.path = path
+        self.servers = dict(servers or {})
+        self.default = default
 
     def profile(self, name: str | None = None) -> Profile:
         name = name or os.environ.get("SL_FORGERY_SERVER") or self.default
@@ -879,10 +948,14 @@ class Config:
                     f"no server is configured in {self.path}; add one with "
                     "'sl-forgery server add NAME --host HOST --user USER'"
                 )
-            raise ConfigError(f"no default server in {self.path}; pass --server NAME or run 'sl-forgery server default NAME'")
+            raise ConfigError(
+                f"no default server in {self.path}; pass --server NAME or run 'sl-forgery server default NAME'"
+            )
         if name not in self.servers:
             known = ", ".join(sorted(self.servers)) or "none"
-            raise ConfigError(f"no server named {name!r} in {self.path} (known: {known}); add it with 'sl-forgery server add'")
+            raise ConfigError(
+                f"no server named {name!r} in {self.path} (known: {known}); add it with 'sl-forgery server add'"
+            )
         return self.servers[name]
 
     def dump(self) -> str:
@@ -960,18 +1033,23 @@ def load_config(path: Path | None = None) -> Config:
         if not isinstance(settings, dict):
             raise fail(("servers", name), f"server {name!r} must be a mapping of settings")
         if "password" in settings:
-            raise fail(("servers", name, "password"), "passwords do not belong in this file; use 'sl-forgery server add --password'")
+            raise fail(
+                ("servers", name, "password"),
+                "passwords do not belong in this file; use 'sl-forgery server add --password'",
+            )
         for key in settings:
             if key not in PROFILE_KEYS:
-                raise fail(("servers", name, key), f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})")
+                raise fail(
+                    ("servers", name, key), f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})"
+                )
         if not settings.get("host"):
             raise fail(("servers", name), f"server {name!r} has no 'host'")
         try:
+            if not isinstance(settings.get("ssh_options", []), list):
+                raise UsageError("ssh_options must be a list such as [ProxyJump=gateway]")
             profile = Profile(name=str(name), **settings)
             if profile.port is not None:
                 profile.port = _check_int("port", profile.port)
-            if not isinstance(profile.ssh_options, list):
-                raise UsageError("ssh_options must be a list such as [ProxyJump=gateway]")
         except (TypeError, UsageError) as error:
             raise fail(("servers", name), f"server {name!r}: {error}") from None
         config.servers[str(name)] = profile
@@ -980,18 +1058,14 @@ def load_config(path: Path | None = None) -> Config:
     return config
 
 
-@dataclasses.dataclass
-class JobRecord:
+class JobRecord(
+    collections.namedtuple(
+        "JobRecord", "job_id server name working_directory output_log error_log submitted user", defaults=("",)
+    )
+):
     """What this machine remembers of a submitted job, so that later commands know it without the terminal."""
 
-    job_id: str
-    server: str
-    name: str
-    working_directory: str
-    output_log: str
-    error_log: str
-    submitted: float
-    user: str = ""
+    __slots__ = ()
 
     def log_path(self, error: bool = False) -> str:
         return expand_log_pattern(self.error_log if error else self.output_log, self.job_id, self.name, self.user)
@@ -1002,21 +1076,25 @@ def history_path() -> Path:
 
 
 def record_job(record: JobRecord) -> None:
+    import json
+
     path = history_path()
     _private_dir(path.parent)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(dataclasses.asdict(record)) + "\n")
+        handle.write(json.dumps(record._asdict()) + "\n")
 
 
 def load_job_records(server: str | None = None) -> dict[str, JobRecord]:
     """Every remembered job (for one server), by id; the latest record of an id wins."""
+    import json
+
     records: dict[str, JobRecord] = {}
     try:
         lines = history_path().read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return records
-    fields = set(JobRecord.__dataclass_fields__)
+    fields = set(JobRecord._fields)
     for line in lines:
         try:
             data = json.loads(line)
@@ -1054,7 +1132,9 @@ def store_password(account: str, password: str) -> None:
     try:
         backend.set_password(KEYRING_SERVICE, account, password)
     except Exception as error:  # keyring raises backend-specific errors
-        raise CredentialError(f"the keyring refused to store the password for {account}: {type(error).__name__}") from None
+        raise CredentialError(
+            f"the keyring refused to store the password for {account}: {type(error).__name__}"
+        ) from None
 
 
 def get_password(account: str) -> str | None:
@@ -1080,8 +1160,16 @@ def delete_password(account: str) -> bool:
 
 
 LEGACY_FIELDS = (
-    "username", "password", "host", "storage_root", "working_root", "shared_directory_name",
-    "raw_data_root", "processed_data_root", "user_data_root", "user_working_root",
+    "username",
+    "password",
+    "host",
+    "storage_root",
+    "working_root",
+    "shared_directory_name",
+    "raw_data_root",
+    "processed_data_root",
+    "user_data_root",
+    "user_working_root",
 )
 _warned_plaintext: set[str] = set()
 
@@ -1092,7 +1180,9 @@ def read_legacy_credentials(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError(f"credentials file {path} does not exist; create it with 'sl-create-server-credentials'") from None
+        raise ConfigError(
+            f"credentials file {path} does not exist; create it with 'sl-create-server-credentials'"
+        ) from None
     except yaml.YAMLError as error:
         where = _yaml_error_line(error)
         raise ConfigError(f"{path}{where}: not valid YAML; recreate it with 'sl-create-server-credentials'") from None
@@ -1214,12 +1304,29 @@ def _answer_on_tty(tty: Any, prompt: str, getpass: Any) -> int:
     return 0
 
 
-def _run(argv: Sequence[str], *, input_text: str | None = None, timeout: float | None, env: Mapping[str, str] | None = None,
-         stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> subprocess.CompletedProcess:
-    """Run a program without a shell; on timeout, SIGTERM first and SIGKILL only if it will not stop."""
+def _run(
+    argv: Sequence[str],
+    *,
+    input_text: str | None = None,
+    timeout: float | None,
+    env: Mapping[str, str] | None = None,
+    stdout: Any = None,
+    stderr: Any = None,
+) -> subprocess.CompletedProcess:
+    """Run a program without a shell, its output captured unless ``stdout``/``stderr`` say where it goes; on
+    timeout, SIGTERM first and SIGKILL only if it will not stop."""
+    import subprocess
+
+    stdout = subprocess.PIPE if stdout is None else stdout
+    stderr = subprocess.PIPE if stderr is None else stderr
     process = subprocess.Popen(
-        list(argv), stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL, stdout=stdout,
-        stderr=stderr, text=True, env=dict(env) if env is not None else None, start_new_session=True,
+        list(argv),
+        stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
     )
     try:
         out, err = process.communicate(input_text, timeout=timeout)
@@ -1230,7 +1337,9 @@ def _run(argv: Sequence[str], *, input_text: str | None = None, timeout: float |
         except subprocess.TimeoutExpired:
             process.kill()
             out, err = process.communicate()
-        raise SSHError(argv, -15, out or "", (err or "") + f"\ntimed out after {timeout:g} s", what=Path(argv[0]).name) from None
+        raise SSHError(
+            argv, -15, out or "", (err or "") + f"\ntimed out after {timeout:g} s", what=Path(argv[0]).name
+        ) from None
     except BaseException:
         process.kill()
         process.wait()
@@ -1281,18 +1390,42 @@ class SSHConnection:
 
     def ssh_argv(self, command: str | None, *, extra: Sequence[str] = ()) -> list[str]:
         """Argv of one call over the master (``command`` is a single remote shell string)."""
-        argv = ["ssh", *self._guard_args(), *self._mux_args(), *self._target_args(), "-T", *extra, "--", self.profile.host]
+        argv = [
+            "ssh",
+            *self._guard_args(),
+            *self._mux_args(),
+            *self._target_args(),
+            "-T",
+            *extra,
+            "--",
+            self.profile.host,
+        ]
         if command is not None:
             argv.append(command)
         return argv
 
     def _master_argv(self) -> list[str]:
         return [
-            "ssh", "-M", "-N", "-f", "-o", "ControlMaster=yes", *self._mux_args(),
-            "-o", f"ControlPersist={self.profile.control_persist}",
-            "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}", "-o", "ServerAliveCountMax=3",
-            "-o", "ConnectTimeout=20", "-o", "NumberOfPasswordPrompts=1",
-            *self._target_args(), "--", self.profile.host,
+            "ssh",
+            "-M",
+            "-N",
+            "-f",
+            "-o",
+            "ControlMaster=yes",
+            *self._mux_args(),
+            "-o",
+            f"ControlPersist={self.profile.control_persist}",
+            "-o",
+            f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            *self._target_args(),
+            "--",
+            self.profile.host,
         ]
 
     def _control_argv(self, operation: str, *extra: str) -> list[str]:
@@ -1348,7 +1481,7 @@ class SSHConnection:
         with open(log_path, "w+", encoding="utf-8", errors="replace") as log:
             # The master keeps the stderr it is given; a pipe would make us wait for it to exit.
             try:
-                result = _run(argv, timeout=self.timeout, env=self._askpass_env(), stdout=subprocess.DEVNULL, stderr=log)
+                result = _run(argv, timeout=self.timeout, env=self._askpass_env(), stdout=log, stderr=log)
             finally:
                 log.seek(0)
                 message = log.read()
@@ -1388,8 +1521,15 @@ class SSHConnection:
 
     # -- calls ----------------------------------------------------------------------------------------------------
 
-    def run(self, command: str, *, input_text: str | None = None, check: bool = True, timeout: float | None = None,
-            what: str = "") -> subprocess.CompletedProcess:
+    def run(
+        self,
+        command: str,
+        *,
+        input_text: str | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+        what: str = "",
+    ) -> subprocess.CompletedProcess:
         """Run one remote shell command over the master; start or restart the master once if it is not there."""
         argv = self.ssh_argv(command)
         for attempt in (1, 2):
@@ -1398,13 +1538,24 @@ class SSHConnection:
             if not self._master_was_missing(result) or attempt == 2:
                 break
             if not self.connect():
-                raise SSHError(argv, result.returncode, result.stdout, result.stderr,
-                               what=f"ssh to {self.describe()} (the connection refused a new session)")
+                raise SSHError(
+                    argv,
+                    result.returncode,
+                    result.stdout,
+                    result.stderr,
+                    what=f"ssh to {self.describe()} (the connection refused a new session)",
+                )
         if result.returncode == 255 and self._master_was_missing(result):
             raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}")
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
-            raise error(argv, result.returncode, result.stdout, result.stderr, what=what or f"remote command on {self.describe()}")
+            raise error(
+                argv,
+                result.returncode,
+                result.stdout,
+                result.stderr,
+                what=what or f"remote command on {self.describe()}",
+            )
         return result
 
     @staticmethod
@@ -1413,11 +1564,19 @@ class SSHConnection:
 
     def popen(self, command: str) -> subprocess.Popen:
         """A long-lived remote command over the master (the master must be up), its stdout a pipe."""
+        import subprocess
+
         self.ensure_connected()
         argv = self.ssh_argv(command)
         self._log(argv)
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     def ensure_connected(self) -> None:
         if not self.is_connected():
@@ -1461,8 +1620,14 @@ class Server:
     uses a profile from the servers file.
     """
 
-    def __init__(self, credentials_path: str | os.PathLike[str] | None = None, *, profile: Profile | None = None,
-                 verbose: bool = False, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self,
+        credentials_path: str | os.PathLike[str] | None = None,
+        *,
+        profile: Profile | None = None,
+        verbose: bool = False,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> None:
         if profile is None:
             if credentials_path is None:
                 raise UsageError("Server needs a credentials_path or a profile (see Server.from_profile)")
@@ -1505,11 +1670,15 @@ class Server:
 
     @property
     def raw_data_root(self) -> PurePosixPath:
-        return self._root(self.profile.storage_root, self.profile.shared_directory_name, "storage_root/shared_directory_name")
+        return self._root(
+            self.profile.storage_root, self.profile.shared_directory_name, "storage_root/shared_directory_name"
+        )
 
     @property
     def processed_data_root(self) -> PurePosixPath:
-        return self._root(self.profile.working_root, self.profile.shared_directory_name, "working_root/shared_directory_name")
+        return self._root(
+            self.profile.working_root, self.profile.shared_directory_name, "working_root/shared_directory_name"
+        )
 
     @property
     def user_data_root(self) -> PurePosixPath:
@@ -1521,6 +1690,8 @@ class Server:
 
     def remote_home(self) -> str:
         """The user's home directory on the server, asked once and remembered on this machine."""
+        import json
+
         cache_path = state_dir() / "homes.json"
         try:
             cache = json.loads(cache_path.read_text(encoding="utf-8"))
@@ -1549,13 +1720,23 @@ class Server:
     def submit_job(self, job: Job) -> Job:
         """Upload the job's script into its working directory and sbatch it, in one round trip; sets ``job.job_id``."""
         if job.job_id is not None:
-            raise UsageError(f"job {job.job_name!r} was already submitted as {job.job_id}; create a new Job to run it again")
+            raise UsageError(
+                f"job {job.job_name!r} was already submitted as {job.job_id}; create a new Job to run it again"
+            )
         job.job_id = self._submit(job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], [])
         self._remember(job.job_id, job.job_name, job.working_directory, job.output_log, job.error_log)
         return job
 
-    def submit_script(self, script: str, *, working_directory: str, sbatch_args: Sequence[str] = (),
-                      job_name: str | None = None, output_log: str | None = None, error_log: str | None = None) -> str:
+    def submit_script(
+        self,
+        script: str,
+        *,
+        working_directory: str,
+        sbatch_args: Sequence[str] = (),
+        job_name: str | None = None,
+        output_log: str | None = None,
+        error_log: str | None = None,
+    ) -> str:
         """Submit a user's own script; its ``#SBATCH`` lines hold unless ``sbatch_args`` override them."""
         name = job_name or script_job_name(script) or "script"
         args = [f"--chdir={working_directory}", *sbatch_args]
@@ -1565,14 +1746,26 @@ class Server:
         if error_log:
             args.append(f"--error={error_log}")
         job_id = self._submit(inject_exit_record(script), name, working_directory, logs, args)
-        self._remember(job_id, name, working_directory, output_log or str(PurePosixPath(working_directory, "slurm-%j.out")),
-                       error_log or output_log or str(PurePosixPath(working_directory, "slurm-%j.out")))
+        self._remember(
+            job_id,
+            name,
+            working_directory,
+            output_log or str(PurePosixPath(working_directory, "slurm-%j.out")),
+            error_log or output_log or str(PurePosixPath(working_directory, "slurm-%j.out")),
+        )
         return job_id
 
-    def _submit(self, script: str, name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]) -> str:
+    def _submit(
+        self, script: str, name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
+    ) -> str:
         safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "job"
-        script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR,
-                                        f"{safe_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.sh"))
+        script_path = str(
+            PurePosixPath(
+                working_directory,
+                REMOTE_RECORD_DIR,
+                f"{safe_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.sh",
+            )
+        )
         log_dirs = [str(PurePosixPath(path).parent) for path in logs if "%" not in str(PurePosixPath(path).parent)]
         command = submit_command(script_path, [str(PurePosixPath(script_path).parent), *log_dirs], sbatch_args)
         argv = self.connection.ssh_argv(command)
@@ -1587,15 +1780,28 @@ class Server:
 
     def _remember(self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str) -> None:
         self._submitted_at[job_id] = time.time()
-        record_job(JobRecord(job_id, self.profile.name, name, working_directory, output_log, error_log, time.time(),
-                             self.profile.user or ""))
+        record_job(
+            JobRecord(
+                job_id,
+                self.profile.name,
+                name,
+                working_directory,
+                output_log,
+                error_log,
+                time.time(),
+                self.profile.user or "",
+            )
+        )
 
     # -- status -----------------------------------------------------------------------------------------------------
 
     def _record_paths(self, job_ids: Sequence[str]) -> dict[str, str]:
         records = load_job_records(self.profile.name)
-        return {job_id: exit_record_path(records[job_id].working_directory, job_id)
-                for job_id in job_ids if job_id in records}
+        return {
+            job_id: exit_record_path(records[job_id].working_directory, job_id)
+            for job_id in job_ids
+            if job_id in records
+        }
 
     def job_info(self, job_ids: object) -> dict[str, JobInfo]:
         """What the scheduler says of any number of jobs, in one round trip; final states are cached."""
@@ -1612,10 +1818,13 @@ class Server:
             sacct_rows = parse_sacct(sacct_out) if sacct_rc == 0 else None
             now = time.time()
             recent = frozenset(
-                job_id for job_id in wanted
+                job_id
+                for job_id in wanted
                 if now - self._submitted_at.get(job_id, self._recorded_time(job_id)) < RECENT_SUBMISSION_GRACE
             )
-            for job_id, info in merge_job_info(wanted, squeue_rows, sacct_rows, parse_exit_records(records_out), recent).items():
+            for job_id, info in merge_job_info(
+                wanted, squeue_rows, sacct_rows, parse_exit_records(records_out), recent
+            ).items():
                 # squeue alone may show a final state before its exit code is known: keep asking until it is.
                 if info.status.is_finished and (info.source != "squeue" or info.exit_code is not None):
                     self._final[job_id] = info
@@ -1640,9 +1849,14 @@ class Server:
 
     # -- waiting ----------------------------------------------------------------------------------------------------
 
-    def wait(self, job_ids: object, timeout: float | None = None,
-             on_change: Callable[[JobInfo], None] | None = None,
-             poll_first: float = SCHEDULER_POLL_FIRST, poll_max: float = SCHEDULER_POLL_MAX) -> dict[str, JobInfo]:
+    def wait(
+        self,
+        job_ids: object,
+        timeout: float | None = None,
+        on_change: Callable[[JobInfo], None] | None = None,
+        poll_first: float = SCHEDULER_POLL_FIRST,
+        poll_max: float = SCHEDULER_POLL_MAX,
+    ) -> dict[str, JobInfo]:
         """Block until every job has ended; returns their final `JobInfo`.
 
         The end of a job is noticed from its exit record by one remote watcher (no scheduler query); the scheduler
@@ -1664,7 +1878,9 @@ class Server:
             while True:
                 now = time.monotonic()
                 if now >= next_query:
-                    infos = self.job_info([job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished])
+                    infos = self.job_info(
+                        [job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished]
+                    )
                     for job_id, info in infos.items():
                         if on_change and (job_id not in last or last[job_id].status != info.status):
                             on_change(info)
@@ -1679,9 +1895,13 @@ class Server:
                         next_query = time.monotonic() + interval
                         interval = min(interval * 1.5, poll_max)
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeout(f"{len([i for i in ids if not last.get(i) or not last[i].status.is_finished])} "
-                                      f"job(s) still running after {timeout:g} s: "
-                                      + ", ".join(f"{i} {last[i].status}" for i in ids if i in last and not last[i].status.is_finished))
+                    raise WaitTimeout(
+                        f"{len([i for i in ids if not last.get(i) or not last[i].status.is_finished])} "
+                        f"job(s) still running after {timeout:g} s: "
+                        + ", ".join(
+                            f"{i} {last[i].status}" for i in ids if i in last and not last[i].status.is_finished
+                        )
+                    )
                 pause = next_query - time.monotonic()
                 if deadline is not None:
                     pause = min(pause, deadline - time.monotonic())
@@ -1716,7 +1936,9 @@ class Server:
             command = shlex.join(["scancel", *ids])
             result = self.connection.run(command, check=False)
             if result.returncode != 0 or "error" in result.stderr.lower():
-                raise SlurmError(self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="scancel")
+                raise SlurmError(
+                    self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="scancel"
+                )
 
     def abort_job(self, job: Job | str | int) -> None:
         self.cancel([getattr(job, "job_id", job)])
@@ -1741,7 +1963,9 @@ class Server:
     def pull_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
         self.connection.download(os.fspath(remote_file_path), local_file_path)
 
-    def push_directory(self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]) -> None:
+    def push_directory(
+        self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]
+    ) -> None:
         """Copy a local directory's contents into a remote directory (created if missing)."""
         remote = os.fspath(remote_directory_path)
         self.create_directory(remote)
@@ -1749,7 +1973,9 @@ class Server:
         if sources:
             self.connection._scp(sources, self.connection.remote_spec(remote + "/"), recursive=True)
 
-    def pull_directory(self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]) -> None:
+    def pull_directory(
+        self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]
+    ) -> None:
         """Copy a remote directory's contents into a local directory (created if missing)."""
         local = Path(local_directory_path)
         local.mkdir(parents=True, exist_ok=True)
@@ -1787,8 +2013,12 @@ class Progress:
             return
         if self.live:
             line = "  ".join(f"{job_id} {state.status}" for job_id, state in self.states.items())
-            print(f"\r\033[K{line}", end="" if not all(s.status.is_finished for s in self.states.values()) else "\n",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\r\033[K{line}",
+                end="" if not all(s.status.is_finished for s in self.states.values()) else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             reason = f" ({info.reason})" if info.reason and not info.status.is_finished else ""
             code = f" exit {info.exit_code}" if info.status.is_finished and info.exit_code is not None else ""
@@ -1807,6 +2037,8 @@ def exit_code_for(infos: Iterable[JobInfo]) -> int:
 
 
 def _print_json(document: object) -> None:
+    import json
+
     print(json.dumps(document, indent=2, sort_keys=False))
 
 
@@ -1816,8 +2048,14 @@ def _open_server(args: Any) -> Server:
 
 def _sbatch_resource_args(args: Any) -> list[str]:
     options = []
-    for flag, value in (("cpus-per-task", args.cpus), ("time", args.time), ("partition", args.partition),
-                        ("account", args.account), ("qos", args.qos), ("gpus", args.gpus)):
+    for flag, value in (
+        ("cpus-per-task", args.cpus),
+        ("time", args.time),
+        ("partition", args.partition),
+        ("account", args.account),
+        ("qos", args.qos),
+        ("gpus", args.gpus),
+    ):
         if value is not None:
             options.append(f"--{flag}={value}")
     if args.mem is not None:
@@ -1864,8 +2102,8 @@ def cmd_submit(args: Any) -> int:
     if args.dry_run:
         workdir = args.workdir or f"~/{JOBS_ROOT_NAME}/{name}-<timestamp>"
         print(inject_exit_record(script), end="")
-        print(f"# would run on the server (in {workdir}): sbatch --parsable --chdir={workdir} {shlex.join(sbatch_args)} SCRIPT",
-              file=sys.stderr)
+        command = shlex.join(["sbatch", "--parsable", f"--chdir={workdir}", *sbatch_args, "SCRIPT"])
+        print(f"# would run on the server: {command}", file=sys.stderr)
         return EXIT_OK
     server = _open_server(args)
     workdir = args.workdir or server.default_job_directory(name)
@@ -1883,13 +2121,22 @@ def cmd_run(args: Any) -> int:
     server = None if args.dry_run else _open_server(args)
     profile = server.profile if server else None
     name = args.name or Path(command[0]).name
-    workdir = args.workdir or (server.default_job_directory(name) if server else f"/~/{JOBS_ROOT_NAME}/{name}-TIMESTAMP")
+    workdir = args.workdir or (
+        server.default_job_directory(name) if server else f"/~/{JOBS_ROOT_NAME}/{name}-TIMESTAMP"
+    )
     job = Job(
-        name, f"{workdir}/output.log", f"{workdir}/error.log", workdir,
+        name,
+        f"{workdir}/output.log",
+        f"{workdir}/error.log",
+        workdir,
         conda_environment=args.env or (profile.conda_environment if profile else None),
-        cpus_to_use=args.cpus or 1, ram_gb=args.mem or 4, time_limit=args.time or 60,
+        cpus_to_use=args.cpus or 1,
+        ram_gb=args.mem or 4,
+        time_limit=args.time or 60,
         partition=args.partition or (profile.partition if profile else None),
-        account=args.account or (profile.account if profile else None), qos=args.qos, gpus=args.gpus,
+        account=args.account or (profile.account if profile else None),
+        qos=args.qos,
+        gpus=args.gpus,
     )
     job.add_command(shlex.join(command))
     if server is None:
@@ -1926,9 +2173,15 @@ def cmd_status(args: Any) -> int:
     if args.json:
         _print_json({"jobs": [info.to_json() for info in infos.values()]})
     elif infos:
-        print(format_table(["JOBID", "STATE", "EXIT", "NAME", "REASON"],
-                           [[i.job_id, i.status, "" if i.exit_code is None else i.exit_code, i.name, i.reason]
-                            for i in infos.values()]))
+        print(
+            format_table(
+                ["JOBID", "STATE", "EXIT", "NAME", "REASON"],
+                [
+                    [i.job_id, i.status, "" if i.exit_code is None else i.exit_code, i.name, i.reason]
+                    for i in infos.values()
+                ],
+            )
+        )
     return EXIT_OK
 
 
@@ -1946,8 +2199,10 @@ def cmd_logs(args: Any) -> int:
     job_id = normalize_job_id(args.job_id)
     record = load_job_records(server.profile.name).get(job_id)
     if record is None:
-        raise UsageError(f"job {job_id} was not submitted from this machine to {server.profile.name!r}; "
-                         "its log paths are unknown (see 'sl-forgery history')")
+        raise UsageError(
+            f"job {job_id} was not submitted from this machine to {server.profile.name!r}; "
+            "its log paths are unknown (see 'sl-forgery history')"
+        )
     path = record.log_path(error=args.err)
     if not args.follow:
         sys.stdout.write(server.read_file(path, tail_lines=args.lines))
@@ -1980,8 +2235,12 @@ def cmd_queue(args: Any) -> int:
     if args.json:
         _print_json({"jobs": [info.to_json() for info in jobs]})
     elif jobs:
-        print(format_table(["JOBID", "STATE", "NAME", "NODE", "REASON"],
-                           [[i.job_id, i.status, i.name, i.node, i.reason] for i in jobs]))
+        print(
+            format_table(
+                ["JOBID", "STATE", "NAME", "NODE", "REASON"],
+                [[i.job_id, i.status, i.name, i.node, i.reason] for i in jobs],
+            )
+        )
     return EXIT_OK
 
 
@@ -1990,11 +2249,23 @@ def cmd_history(args: Any) -> int:
     records = [r for r in load_job_records(args.server).values() if r.submitted >= since]
     records.sort(key=lambda record: record.submitted)
     if args.json:
-        _print_json({"jobs": [dataclasses.asdict(record) for record in records]})
+        _print_json({"jobs": [record._asdict() for record in records]})
     elif records:
-        print(format_table(["JOBID", "SERVER", "SUBMITTED", "NAME", "WORKDIR"],
-                           [[r.job_id, r.server, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted)), r.name,
-                             r.working_directory] for r in records]))
+        print(
+            format_table(
+                ["JOBID", "SERVER", "SUBMITTED", "NAME", "WORKDIR"],
+                [
+                    [
+                        r.job_id,
+                        r.server,
+                        time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted)),
+                        r.name,
+                        r.working_directory,
+                    ]
+                    for r in records
+                ],
+            )
+        )
     return EXIT_OK
 
 
@@ -2002,7 +2273,9 @@ def cmd_connect(args: Any) -> int:
     server = _open_server(args)
     started = server.connection.connect()
     if not args.quiet:
-        print(f"{'connected to' if started else 'already connected to'} {server.connection.describe()}", file=sys.stderr)
+        print(
+            f"{'connected to' if started else 'already connected to'} {server.connection.describe()}", file=sys.stderr
+        )
     return EXIT_OK
 
 
@@ -2010,7 +2283,9 @@ def cmd_disconnect(args: Any) -> int:
     server = _open_server(args)
     stopped = server.connection.disconnect()
     if not args.quiet:
-        print(f"{'disconnected from' if stopped else 'no connection to'} {server.connection.describe()}", file=sys.stderr)
+        print(
+            f"{'disconnected from' if stopped else 'no connection to'} {server.connection.describe()}", file=sys.stderr
+        )
     return EXIT_OK
 
 
@@ -2054,11 +2329,19 @@ def cmd_server_add(args: Any) -> int:
     if args.name in config.servers and not args.replace:
         raise UsageError(f"server {args.name!r} already exists in {config.path}; pass --replace to overwrite it")
     profile = Profile(
-        name=args.name, host=_check_text("--host", args.host), user=args.user, port=args.port,
-        identity_file=args.identity_file, ssh_config=args.ssh_config, ssh_options=list(args.ssh_option or []),
-        storage_root=args.storage_root, working_root=args.working_root,
-        shared_directory_name=args.shared_directory_name, conda_environment=args.conda_env,
-        partition=args.partition, account=args.account,
+        name=args.name,
+        host=_check_text("--host", args.host),
+        user=args.user,
+        port=args.port,
+        identity_file=args.identity_file,
+        ssh_config=args.ssh_config,
+        ssh_options=list(args.ssh_option or []),
+        storage_root=args.storage_root,
+        working_root=args.working_root,
+        shared_directory_name=args.shared_directory_name,
+        conda_environment=args.conda_env,
+        partition=args.partition,
+        account=args.account,
     )
     if args.accept_host_key:
         fingerprints = accept_host_key(SSHConnection(profile, verbose=args.verbose))
@@ -2079,13 +2362,27 @@ def cmd_server_add(args: Any) -> int:
 def cmd_server_list(args: Any) -> int:
     config = load_config()
     if args.json:
-        _print_json({"default": config.default, "servers": [
-            {"name": p.name, **p.to_yaml_dict()} for p in config.servers.values()]})
+        _print_json(
+            {
+                "default": config.default,
+                "servers": [{"name": p.name, **p.to_yaml_dict()} for p in config.servers.values()],
+            }
+        )
     elif config.servers:
-        print(format_table(["NAME", "DEFAULT", "DESTINATION", "AUTH"], [
-            [p.name, "*" if p.name == config.default else "", SSHConnection(p).describe(),
-             "keyring password" if p.password_in_keyring else "ssh (keys, agent, config)"]
-            for p in config.servers.values()]))
+        print(
+            format_table(
+                ["NAME", "DEFAULT", "DESTINATION", "AUTH"],
+                [
+                    [
+                        p.name,
+                        "*" if p.name == config.default else "",
+                        SSHConnection(p).describe(),
+                        "keyring password" if p.password_in_keyring else "ssh (keys, agent, config)",
+                    ]
+                    for p in config.servers.values()
+                ],
+            )
+        )
     return EXIT_OK
 
 
@@ -2145,8 +2442,13 @@ def accept_host_key(connection: SSHConnection) -> str:
         recorded_keys = {" ".join(line.split()[1:3]) for line in recorded.splitlines() if not line.startswith("#")}
         offered = {" ".join(line.split()[1:3]) for line in keys}
         if recorded_keys and not recorded_keys & offered:
-            raise SSHError(scan_argv, 0, "", f"{known_hosts} already holds a different host key for {name}",
-                           what=f"accepting the host key of {name}")
+            raise SSHError(
+                scan_argv,
+                0,
+                "",
+                f"{known_hosts} already holds a different host key for {name}",
+                what=f"accepting the host key of {name}",
+            )
         if recorded_keys & offered:
             return fingerprints
     known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -2162,8 +2464,18 @@ def cmd_server_setup_key(args: Any) -> int:
     key = Path(os.path.expanduser(args.key or profile.identity_file or "~/.ssh/id_ed25519"))
     if not key.exists():
         _private_dir(key.parent)
-        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{profile.user or 'sl-forgery'}@sl-forgery",
-                  "-f", str(key)]
+        keygen = [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"{profile.user or 'sl-forgery'}@sl-forgery",
+            "-f",
+            str(key),
+        ]
         result = _run(keygen, timeout=30)
         if result.returncode != 0:
             raise CommandError(keygen, result.returncode, result.stdout, result.stderr, what="ssh-keygen")
@@ -2174,11 +2486,26 @@ def cmd_server_setup_key(args: Any) -> int:
     connection.run(
         "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
         f"{{ grep -qxF {quoted} ~/.ssh/authorized_keys || printf '%s\\n' {quoted} >> ~/.ssh/authorized_keys; }}",
-        what="installing the public key")
+        what="installing the public key",
+    )
     # Prove the key works on a connection of its own, password refused, before the password is forgotten.
-    check_argv = ["ssh", "-o", "ControlPath=none", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
-                  "-o", "KbdInteractiveAuthentication=no", *connection._target_args(), "-i", str(key), "--",
-                  profile.host, "true"]
+    check_argv = [
+        "ssh",
+        "-o",
+        "ControlPath=none",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "PasswordAuthentication=no",
+        "-o",
+        "KbdInteractiveAuthentication=no",
+        *connection._target_args(),
+        "-i",
+        str(key),
+        "--",
+        profile.host,
+        "true",
+    ]
     result = _run(check_argv, timeout=60)
     if result.returncode != 0:
         raise SSHError(check_argv, result.returncode, result.stdout, result.stderr, what="logging in with the new key")
@@ -2247,9 +2574,12 @@ def get_parser() -> Any:
         # Sub-commands take the same options, with defaults suppressed, so that "-s NAME status" is not undone
         # by the sub-command's own default.
         options = argparse.ArgumentParser(add_help=False, argument_default=default)
-        options.add_argument("-s", "--server", metavar="NAME", help="server profile (default: the configured default)"
-                             ).complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
-        options.add_argument("-v", "--verbose", action="store_true", help="show the ssh commands and full error details")
+        options.add_argument(
+            "-s", "--server", metavar="NAME", help="server profile (default: the configured default)"
+        ).complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
+        options.add_argument(
+            "-v", "--verbose", action="store_true", help="show the ssh commands and full error details"
+        )
         options.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
         return options
 
@@ -2258,8 +2588,11 @@ def get_parser() -> Any:
     json_flag.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     parser = argparse.ArgumentParser(
-        prog=APP_NAME, description="Run commands on a remote SLURM cluster as if they were local.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common_options(None)],
+        prog=APP_NAME,
+        description="Run commands on a remote SLURM cluster as if they were local.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common_options(None)],
     )
     parser.add_argument("--version", action="version", version=f"{APP_NAME} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -2333,25 +2666,35 @@ def get_parser() -> Any:
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--password", action="store_true", help="prompt for a password and keep it in the OS keyring")
     secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    add.add_argument("--accept-host-key", action="store_true",
-                     help="fetch the server's host key, show its fingerprint and record it in known_hosts")
+    add.add_argument(
+        "--accept-host-key",
+        action="store_true",
+        help="fetch the server's host key, show its fingerprint and record it in known_hosts",
+    )
     add.add_argument("--default", action="store_true", help="make it the default server")
     add.add_argument("--replace", action="store_true", help="overwrite a profile of the same name")
     server_command("list", cmd_server_list, "list server profiles", json_flag)
-    for name, handler, help_text in (("show", cmd_server_show, "print a profile"),
-                                     ("remove", cmd_server_remove, "remove a profile and its keyring entry"),
-                                     ("default", cmd_server_default, "make a profile the default")):
+    for name, handler, help_text in (
+        ("show", cmd_server_show, "print a profile"),
+        ("remove", cmd_server_remove, "remove a profile and its keyring entry"),
+        ("default", cmd_server_default, "make a profile the default"),
+    ):
         action = server_command(name, handler, help_text)
         action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
-    action = server_command("check", lambda a: cmd_check(argparse.Namespace(**{**vars(a), "server": a.name})),
-                            "check a server")
+    action = server_command(
+        "check", lambda a: cmd_check(argparse.Namespace(**{**vars(a), "server": a.name})), "check a server"
+    )
     action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
-    action = server_command("setup-key", cmd_server_setup_key,
-                            "create an ed25519 key if needed and install it on the server, so no password is needed")
+    action = server_command(
+        "setup-key",
+        cmd_server_setup_key,
+        "create an ed25519 key if needed and install it on the server, so no password is needed",
+    )
     action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
     action.add_argument("--key", metavar="FILE", help="private key to use or create (default ~/.ssh/id_ed25519)")
-    action = server_command("import", cmd_server_import,
-                            "import a legacy server_credentials.yaml (the password moves to the keyring)")
+    action = server_command(
+        "import", cmd_server_import, "import a legacy server_credentials.yaml (the password moves to the keyring)"
+    )
     action.add_argument("file", metavar="FILE").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     action.add_argument("--name", help="profile name (default: the host)")
 
@@ -2389,14 +2732,22 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     """The original ``sl-create-server-credentials``: writes server_credentials.yaml, the password to the keyring."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="sl-create-server-credentials", add_help=False,
-                                     description="Create a server_credentials.yaml (the password goes to the OS keyring).")
+    parser = argparse.ArgumentParser(
+        prog="sl-create-server-credentials",
+        add_help=False,
+        description="Create a server_credentials.yaml (the password goes to the OS keyring).",
+    )
     parser.add_argument("--help", action="help", help="show this help and exit")
-    parser.add_argument("-od", "--output-directory", required=True, help="directory to write server_credentials.yaml in")
+    parser.add_argument(
+        "-od", "--output-directory", required=True, help="directory to write server_credentials.yaml in"
+    )
     parser.add_argument("-h", "--host", default="cbsuwsun.biohpc.cornell.edu", help="server host name")
     parser.add_argument("-u", "--username", required=True)
-    parser.add_argument("-p", "--password", help="the password (visible to other users and in shell history: "
-                                                 "leave it out to be prompted)")
+    parser.add_argument(
+        "-p",
+        "--password",
+        help="the password (visible to other users and in shell history: leave it out to be prompted)",
+    )
     parser.add_argument("-sr", "--storage-root", default="/local/storage")
     parser.add_argument("-wr", "--working-root", default="/local/workdir")
     parser.add_argument("-sdn", "--shared-directory-name", default="sun_data")
@@ -2410,15 +2761,23 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"{target} already exists; remove it first or choose another --output-directory")
         password = args.password
         if password is not None:
-            print("sl-create-server-credentials: warning: a password given with -p is visible to other users (ps) and "
-                  "stays in your shell history; leave -p out to be prompted", file=sys.stderr)
+            print(
+                "sl-create-server-credentials: warning: a password given with -p is visible to other users (ps) and "
+                "stays in your shell history; leave -p out to be prompted",
+                file=sys.stderr,
+            )
         else:
             import getpass
 
             password = getpass.getpass(f"password for {args.username}@{args.host}: ")
-        fields = {"username": args.username, "host": args.host, "storage_root": args.storage_root,
-                  "working_root": args.working_root, "shared_directory_name": args.shared_directory_name,
-                  **legacy_derived_roots(args.username, args.storage_root, args.working_root, args.shared_directory_name)}
+        fields = {
+            "username": args.username,
+            "host": args.host,
+            "storage_root": args.storage_root,
+            "working_root": args.working_root,
+            "shared_directory_name": args.shared_directory_name,
+            **legacy_derived_roots(args.username, args.storage_root, args.working_root, args.shared_directory_name),
+        }
         store_password(f"{args.username}@{args.host}:{DEFAULT_PORT}", password)
         write_legacy_credentials(target, fields)
     except SlForgeryError as error:

@@ -32,13 +32,26 @@ def main() -> None:
     workdir = f"{home}/bench"
 
     raw_master = connection.ssh_argv("sbatch --parsable -o /dev/null --wrap true")
-    fresh = ["ssh", "-o", "ControlPath=none", "-p", env["SLF_CLUSTER_PORT"], "-l", env["SLF_CLUSTER_USER"],
-             "-i", env["SLF_CLUSTER_KEY"], "-o", f"UserKnownHostsFile={env['SLF_CLUSTER_KNOWN_HOSTS']}",
-             env["SLF_CLUSTER_HOST"], "sbatch --parsable -o /dev/null --wrap true"]
+    fresh = [
+        "ssh",
+        "-o",
+        "ControlPath=none",
+        "-p",
+        env["SLF_CLUSTER_PORT"],
+        "-l",
+        env["SLF_CLUSTER_USER"],
+        "-i",
+        env["SLF_CLUSTER_KEY"],
+        "-o",
+        f"UserKnownHostsFile={env['SLF_CLUSTER_KNOWN_HOSTS']}",
+        env["SLF_CLUSTER_HOST"],
+        "sbatch --parsable -o /dev/null --wrap true",
+    ]
 
     def api_submit() -> None:
-        job = sl_forgery.Job("bench", f"{workdir}/out.txt", f"{workdir}/out.txt", workdir, cpus_to_use=1, ram_gb=0.25,
-                             time_limit=5)
+        job = sl_forgery.Job(
+            "bench", f"{workdir}/out.txt", f"{workdir}/out.txt", workdir, cpus_to_use=1, ram_gb=0.25, time_limit=5
+        )
         job.add_command("true")
         server.submit_job(job)
 
@@ -52,35 +65,46 @@ def main() -> None:
     raw = median_seconds(lambda: subprocess.run(raw_master, capture_output=True, check=True), args.repeat)
     api = median_seconds(api_submit, args.repeat)
     via_cli = median_seconds(lambda: subprocess.run(cli, capture_output=True, check=True), args.repeat)
-    fresh_time = median_seconds(lambda: subprocess.run(fresh, capture_output=True, check=True), max(3, args.repeat // 2))
+    fresh_time = median_seconds(
+        lambda: subprocess.run(fresh, capture_output=True, check=True), max(3, args.repeat // 2)
+    )
     script.unlink()
-    print_table("submit latency (median)", [
-        ("raw ssh over the master + sbatch", raw, "s", 1.0, "itself"),
-        ("Server.submit_job (upload + sbatch)", api, "s", api / raw, "raw master (target <= 1.3x)"),
-        ("sl-forgery submit (CLI, incl. Python start)", via_cli, "s", via_cli / raw, "raw master"),
-        ("fresh ssh connection per call + sbatch", fresh_time, "s", fresh_time / api, "API (target >= 15x)"),
-    ])
+    print_table(
+        "submit latency (median)",
+        [
+            ("raw ssh over the master + sbatch", raw, "s", 1.0, "itself"),
+            ("Server.submit_job (upload + sbatch)", api, "s", api / raw, "raw master (target <= 1.3x)"),
+            ("sl-forgery submit (CLI, incl. Python start)", via_cli, "s", via_cli / raw, "raw master"),
+            ("fresh ssh connection per call + sbatch", fresh_time, "s", fresh_time / api, "API (target >= 15x)"),
+        ],
+    )
 
     ids = connection.run(
-        f"for i in $(seq 100); do sbatch --parsable -o /dev/null --mem=64M --wrap true; done").stdout.split()
+        "for i in $(seq 100); do sbatch --parsable -o /dev/null --mem=64M --wrap true; done"
+    ).stdout.split()
     server.wait(ids, timeout=300)
 
     def status_of(count: int) -> float:
         def query() -> None:
             server._final.clear()
             server.job_info(ids[:count])
+
         query()
         return median_seconds(query, args.repeat)
 
     one, ten, hundred = status_of(1), status_of(10), status_of(100)
-    print_table("status of finished jobs, one batched call (median)", [
-        ("1 job", one, "s", 1.0, "itself"),
-        ("10 jobs", ten, "s", ten / one, "1 job"),
-        ("100 jobs", hundred, "s", hundred / one, "1 job (target <= 2x)"),
-    ])
+    print_table(
+        "status of finished jobs, one batched call (median)",
+        [
+            ("1 job", one, "s", 1.0, "itself"),
+            ("10 jobs", ten, "s", ten / one, "1 job"),
+            ("100 jobs", hundred, "s", hundred / one, "1 job (target <= 2x)"),
+        ],
+    )
 
-    job = sl_forgery.Job("bench-wait", f"{workdir}/wait.txt", f"{workdir}/wait.txt", workdir, cpus_to_use=1,
-                         ram_gb=0.25, time_limit=5)
+    job = sl_forgery.Job(
+        "bench-wait", f"{workdir}/wait.txt", f"{workdir}/wait.txt", workdir, cpus_to_use=1, ram_gb=0.25, time_limit=5
+    )
     job.add_command(f"sleep {args.wait_job_seconds}")
     job.add_command('date +%s.%N > "$PWD/wait-ended"')
     server.submit_job(job)
@@ -91,10 +115,19 @@ def main() -> None:
     ended = float(connection.run(f"cat {shlex.quote(workdir)}/wait-ended").stdout)
     queries = server.scheduler_queries - queries_before
     duration = returned - started
-    print_table(f"wait on a {args.wait_job_seconds} s job", [
-        ("delay after the job's last command", returned - ended, "s", None, "target <= 1 s"),
-        ("scheduler queries during the wait", queries, "calls", queries / (duration / 10), "per 10 s (target <= 1)"),
-    ])
+    print_table(
+        f"wait on a {args.wait_job_seconds} s job",
+        [
+            ("delay after the job's last command", returned - ended, "s", None, "target <= 1 s"),
+            (
+                "scheduler queries during the wait",
+                queries,
+                "calls",
+                queries / (duration / 10),
+                "per 10 s (target <= 1)",
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ def private_profile(env: dict[str, str]) -> sl_forgery.Server:
     os.environ["XDG_STATE_HOME"] = f"{home}/state"
     config = sl_forgery.Config(sl_forgery.config_path())
     config.servers["bench"] = sl_forgery.Profile(
-        name="bench", host=env["SLF_CLUSTER_HOST"], port=int(env["SLF_CLUSTER_PORT"]), user=env["SLF_CLUSTER_USER"],
+        name="bench",
+        host=env["SLF_CLUSTER_HOST"],
+        port=int(env["SLF_CLUSTER_PORT"]),
+        user=env["SLF_CLUSTER_USER"],
         identity_file=env["SLF_CLUSTER_KEY"],
         ssh_options=[f"UserKnownHostsFile={env['SLF_CLUSTER_KNOWN_HOSTS']}", "IdentitiesOnly=yes"],
     )

@@ -39,8 +39,14 @@ class Cluster:
 
     def ssh(self, command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         """Plain ssh (no sl-forgery) as the test user, for checks independent of the code under test."""
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), "slfc", command], capture_output=True, text=True,
-                              check=check, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), "slfc", command],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     def sshd_connections(self) -> int:
         """Connections the test sshd has accepted so far."""
@@ -61,11 +67,18 @@ def cluster() -> Cluster:
         started_here = True
     env = _cluster_env()
     info = Cluster(
-        state=Path(env["SLF_CLUSTER_STATE"]), host=env["SLF_CLUSTER_HOST"], port=int(env["SLF_CLUSTER_PORT"]),
-        user=env["SLF_CLUSTER_USER"], home=env["SLF_CLUSTER_HOME"], key=Path(env["SLF_CLUSTER_KEY"]),
-        known_hosts=Path(env["SLF_CLUSTER_KNOWN_HOSTS"]), ssh_config=Path(env["SLF_CLUSTER_SSH_CONFIG"]),
-        password_file=Path(env["SLF_CLUSTER_PASSWORD_FILE"]), sshd_log=Path(env["SLF_CLUSTER_SSHD_LOG"]),
-        host_key=Path(env["SLF_CLUSTER_HOST_KEY"]), slurm_conf=env["SLURM_CONF"],
+        state=Path(env["SLF_CLUSTER_STATE"]),
+        host=env["SLF_CLUSTER_HOST"],
+        port=int(env["SLF_CLUSTER_PORT"]),
+        user=env["SLF_CLUSTER_USER"],
+        home=env["SLF_CLUSTER_HOME"],
+        key=Path(env["SLF_CLUSTER_KEY"]),
+        known_hosts=Path(env["SLF_CLUSTER_KNOWN_HOSTS"]),
+        ssh_config=Path(env["SLF_CLUSTER_SSH_CONFIG"]),
+        password_file=Path(env["SLF_CLUSTER_PASSWORD_FILE"]),
+        sshd_log=Path(env["SLF_CLUSTER_SSHD_LOG"]),
+        host_key=Path(env["SLF_CLUSTER_HOST_KEY"]),
+        slurm_conf=env["SLURM_CONF"],
     )
     yield info
     if started_here:
@@ -79,13 +92,22 @@ def secret_service(tmp_path_factory) -> None:
         yield
         return
     data_home = tmp_path_factory.mktemp("keyring-data")
-    bus = subprocess.run(["dbus-daemon", "--session", "--fork", "--print-address=1", "--print-pid=1"],
-                         capture_output=True, text=True, check=True).stdout.split()
+    bus = subprocess.run(
+        ["dbus-daemon", "--session", "--fork", "--print-address=1", "--print-pid=1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     saved = {name: os.environ.get(name) for name in ("DBUS_SESSION_BUS_ADDRESS", "XDG_DATA_HOME")}
     os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus[0]
     os.environ["XDG_DATA_HOME"] = str(data_home)
-    daemon = subprocess.run(["gnome-keyring-daemon", "--unlock", "--components=secrets"], input=uuid.uuid4().hex,
-                            capture_output=True, text=True, check=True)
+    daemon = subprocess.run(
+        ["gnome-keyring-daemon", "--unlock", "--components=secrets"],
+        input=uuid.uuid4().hex,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for line in daemon.stdout.splitlines():
         name, _, value = line.partition("=")
         if name:
@@ -117,9 +139,14 @@ def profile_name(cluster, home) -> str:
 
     config = sl_forgery.Config(sl_forgery.config_path())
     config.servers["test"] = sl_forgery.Profile(
-        name="test", host=cluster.host, port=cluster.port, user=cluster.user, identity_file=str(cluster.key),
+        name="test",
+        host=cluster.host,
+        port=cluster.port,
+        user=cluster.user,
+        identity_file=str(cluster.key),
         ssh_options=[f"UserKnownHostsFile={cluster.known_hosts}", "IdentitiesOnly=yes"],
-        working_root=str(Path(cluster.home) / "work"), storage_root=str(Path(cluster.home) / "storage"),
+        working_root=str(Path(cluster.home) / "work"),
+        storage_root=str(Path(cluster.home) / "storage"),
         shared_directory_name="lab_data",
     )
     config.default = "test"
@@ -149,8 +176,16 @@ def console_script(name: str) -> str:
     return found
 
 
-def cli(*args: str, input_text: str | None = None, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, input_text: str | None = None, timeout: float = 180, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed `sl-forgery` command."""
-    return subprocess.run([console_script("sl-forgery"), *args], capture_output=True, text=True, timeout=timeout,
-                          input=input_text, stdin=None if input_text is not None else subprocess.DEVNULL,
-                          env=env)
+    return subprocess.run(
+        [console_script("sl-forgery"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+        stdin=None if input_text is not None else subprocess.DEVNULL,
+        env=env,
+    )

@@ -30,9 +30,22 @@ def test_password_login_through_askpass(cluster, tmp_path):
     helper.write_text(f"#!/bin/sh\ncat {cluster.password_file}\n")
     helper.chmod(0o700)
     env = {**os.environ, "SSH_ASKPASS": str(helper), "SSH_ASKPASS_REQUIRE": "force"}
-    argv = ["setsid", "ssh", "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1",
-            "-o", f"UserKnownHostsFile={cluster.known_hosts}", "-p", str(cluster.port), "-l", cluster.user,
-            cluster.host, "sinfo -h -o %P"]
+    argv = [
+        "setsid",
+        "ssh",
+        "-o",
+        "PubkeyAuthentication=no",
+        "-o",
+        "NumberOfPasswordPrompts=1",
+        "-o",
+        f"UserKnownHostsFile={cluster.known_hosts}",
+        "-p",
+        str(cluster.port),
+        "-l",
+        cluster.user,
+        cluster.host,
+        "sinfo -h -o %P",
+    ]
     result = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "debug" in result.stdout

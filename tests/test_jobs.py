@@ -14,8 +14,17 @@ from sl_forgery import Job, JobStatus, Server, SlurmError, UsageError
 
 
 def make_job(remote_dir: str, name: str = "job", env: str | None = "analysis", **extra) -> Job:
-    return Job(name, f"{remote_dir}/out.txt", f"{remote_dir}/err.txt", remote_dir, conda_environment=env,
-               cpus_to_use=1, ram_gb=0.25, time_limit=5, **extra)
+    return Job(
+        name,
+        f"{remote_dir}/out.txt",
+        f"{remote_dir}/err.txt",
+        remote_dir,
+        conda_environment=env,
+        cpus_to_use=1,
+        ram_gb=0.25,
+        time_limit=5,
+        **extra,
+    )
 
 
 def test_a_job_runs_in_its_conda_environment_and_completes(server, remote_dir):
@@ -26,7 +35,9 @@ def test_a_job_runs_in_its_conda_environment_and_completes(server, remote_dir):
     final = server.wait([job.job_id], timeout=60)[job.job_id]
     assert (final.status, final.exit_code) == (JobStatus.COMPLETED, 0)
     assert server.read_file(f"{remote_dir}/out.txt").splitlines() == [
-        "hello there from analysis", "verified session /data/s1 with Python 3.11.2"]
+        "hello there from analysis",
+        "verified session /data/s1 with Python 3.11.2",
+    ]
     assert server.get_job_status(int(job.job_id)) is JobStatus.COMPLETED
     assert server.job_complete(job)
 
@@ -62,10 +73,19 @@ def test_submitting_a_job_twice_is_refused(server, remote_dir):
 
 
 def test_hostile_names_and_paths_survive_the_round_trip(server, cluster, remote_dir):
-    odd = "we'ird \"name\" $HOME `uname` #1 ünï"
+    odd = 'we\'ird "name" $HOME `uname` #1 ünï'
     directory = f"{remote_dir}/{odd}"
-    job = Job(odd, f"{directory}/out {odd}.txt", f"{directory}/err.txt", directory, conda_environment="analysis",
-              cpus_to_use=1, ram_gb=0.25, time_limit=5, environment={"ODD": odd})
+    job = Job(
+        odd,
+        f"{directory}/out {odd}.txt",
+        f"{directory}/err.txt",
+        directory,
+        conda_environment="analysis",
+        cpus_to_use=1,
+        ram_gb=0.25,
+        time_limit=5,
+        environment={"ODD": odd},
+    )
     job.add_command('printf "%s|%s|%s\\n" "$SLURM_JOB_NAME" "$PWD" "$ODD"')
     server.submit_job(job)
     final = server.wait(job.job_id, timeout=60)[job.job_id]
@@ -98,12 +118,28 @@ def test_cancelled_job_reads_cancelled(server, remote_dir):
 
 
 def test_array_and_dependency_jobs(server, remote_dir):
-    array = Job("array", f"{remote_dir}/task-%a.txt", f"{remote_dir}/err-%a.txt", remote_dir, cpus_to_use=1,
-                ram_gb=0.25, time_limit=5, array="1-3")
+    array = Job(
+        "array",
+        f"{remote_dir}/task-%a.txt",
+        f"{remote_dir}/err-%a.txt",
+        remote_dir,
+        cpus_to_use=1,
+        ram_gb=0.25,
+        time_limit=5,
+        array="1-3",
+    )
     array.add_command('echo "task $SLURM_ARRAY_TASK_ID"')
     server.submit_job(array)
-    follower = Job("after", f"{remote_dir}/after.txt", f"{remote_dir}/after-err.txt", remote_dir, cpus_to_use=1,
-                   ram_gb=0.25, time_limit=5, dependency=[array.job_id])
+    follower = Job(
+        "after",
+        f"{remote_dir}/after.txt",
+        f"{remote_dir}/after-err.txt",
+        remote_dir,
+        cpus_to_use=1,
+        ram_gb=0.25,
+        time_limit=5,
+        dependency=[array.job_id],
+    )
     follower.add_command(f"cat {remote_dir}/task-*.txt")
     server.submit_job(follower)
     finals = server.wait([array.job_id, follower.job_id], timeout=90)
@@ -161,8 +197,9 @@ def test_statuses_stay_right_without_accounting(cluster, server, remote_dir):
 
 @pytest.mark.slow
 def test_a_job_past_its_time_limit_reads_timeout(server, remote_dir):
-    job = Job("slow", f"{remote_dir}/out.txt", f"{remote_dir}/err.txt", remote_dir, cpus_to_use=1, ram_gb=0.25,
-              time_limit=1)
+    job = Job(
+        "slow", f"{remote_dir}/out.txt", f"{remote_dir}/err.txt", remote_dir, cpus_to_use=1, ram_gb=0.25, time_limit=1
+    )
     job.add_command("sleep 600")
     server.submit_job(job)
     assert server.wait(job.job_id, timeout=240)[job.job_id].status is JobStatus.TIMEOUT
@@ -191,8 +228,9 @@ def test_cli_calls_seconds_apart_reuse_one_connection(profile_name, cluster):
 def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
     server.connection.run("true")
     socket_dir = sl_forgery.control_dir()
-    master_pids = subprocess.run(["pgrep", "-f", f"ssh -M -N -f .*ControlPath={socket_dir}"], capture_output=True,
-                                 text=True).stdout.split()
+    master_pids = subprocess.run(
+        ["pgrep", "-f", f"ssh -M -N -f .*ControlPath={socket_dir}"], capture_output=True, text=True
+    ).stdout.split()
     assert master_pids
     for pid in master_pids:
         os.kill(int(pid), signal.SIGKILL)
@@ -263,8 +301,9 @@ def test_cli_exit_codes_for_cancelled_timeout_and_interrupt(profile_name):
     job_id = cli("run", "--mem", "0.25", "--", "sleep", "300").stdout.strip()
     timed_out = cli("wait", "--timeout", "2", job_id)
     assert timed_out.returncode == 124 and "still running" in timed_out.stderr
-    waiting = subprocess.Popen([console_script("sl-forgery"), "wait", job_id], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [console_script("sl-forgery"), "wait", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(3)
     waiting.send_signal(signal.SIGINT)
     _, stderr = waiting.communicate(timeout=30)
@@ -302,17 +341,34 @@ def test_original_readme_flow_with_legacy_credentials_works_word_for_word(cluste
     # The original README's example, with its paths moved under the test user's home and the password
     # login the legacy file implies; the server is told to use the test cluster's ssh settings.
     ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
-                          f"  UserKnownHostsFile {cluster.known_hosts}\n")
+    ssh_config.write_text(
+        f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+        f"  UserKnownHostsFile {cluster.known_hosts}\n"
+    )
     monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
     credentials = tmp_path / "server_credentials.yaml"
-    credentials.write_text(f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
-                           f"storage_root: {cluster.home}/storage\nworking_root: {cluster.home}/work\n"
-                           "shared_directory_name: sun_data\n")
+    credentials.write_text(
+        f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
+        f"storage_root: {cluster.home}/storage\nworking_root: {cluster.home}/work\n"
+        "shared_directory_name: sun_data\n"
+    )
     credentials.chmod(0o600)
     temp = f"{cluster.home}/temp-{os.getpid()}"
-    subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sl_forgery.control_dir()}/%C", "-p", str(cluster.port),
-                    "-l", cluster.user, cluster.host], capture_output=True)
+    subprocess.run(
+        [
+            "ssh",
+            "-O",
+            "exit",
+            "-o",
+            f"ControlPath={sl_forgery.control_dir()}/%C",
+            "-p",
+            str(cluster.port),
+            "-l",
+            cluster.user,
+            cluster.host,
+        ],
+        capture_output=True,
+    )
 
     job = Job(
         job_name="data_integrity_verification",
@@ -330,6 +386,7 @@ def test_original_readme_flow_with_legacy_credentials_works_word_for_word(cluste
     job = server.submit_job(job)
 
     from sl_forgery.server import JobStatus as OriginalJobStatus
+
     while server.get_job_status(int(job.job_id)) in (OriginalJobStatus.PENDING, OriginalJobStatus.RUNNING):
         time.sleep(0.5)
     final_status = server.get_job_status(int(job.job_id))

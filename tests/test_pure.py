@@ -9,8 +9,16 @@ from sl_forgery import Job, JobInfo, JobStatus, UsageError
 
 
 def make_job(**overrides) -> Job:
-    arguments = dict(job_name="fit", output_log="/w/out.txt", error_log="/w/err.txt", working_directory="/w",
-                     conda_environment="analysis", cpus_to_use=4, ram_gb=16, time_limit=30)
+    arguments = dict(
+        job_name="fit",
+        output_log="/w/out.txt",
+        error_log="/w/err.txt",
+        working_directory="/w",
+        conda_environment="analysis",
+        cpus_to_use=4,
+        ram_gb=16,
+        time_limit=30,
+    )
     arguments.update(overrides)
     return Job(**arguments)
 
@@ -28,12 +36,23 @@ def test_script_has_header_conda_activation_then_commands_in_order():
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
     header = [line for line in lines if line.startswith("#SBATCH")]
-    assert header == ["#SBATCH --job-name=fit", "#SBATCH --output=/w/out.txt", "#SBATCH --error=/w/err.txt",
-                      "#SBATCH --chdir=/w", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", "#SBATCH --time=30",
-                      "#SBATCH --partition=gpu"]
+    assert header == [
+        "#SBATCH --job-name=fit",
+        "#SBATCH --output=/w/out.txt",
+        "#SBATCH --error=/w/err.txt",
+        "#SBATCH --chdir=/w",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=16G",
+        "#SBATCH --time=30",
+        "#SBATCH --partition=gpu",
+    ]
     assert "conda init" not in script
-    assert script.index('eval "$__slf_hook"') < script.index("conda activate analysis") < script.index(
-        "sl-verify-session") < script.index("echo done")
+    assert (
+        script.index('eval "$__slf_hook"')
+        < script.index("conda activate analysis")
+        < script.index("sl-verify-session")
+        < script.index("echo done")
+    )
     assert "export OMP_NUM_THREADS=4" in script
     assert "set -e" in lines
 
@@ -42,17 +61,20 @@ def test_without_conda_environment_there_is_no_activation():
     assert "conda" not in make_job(conda_environment=None).script
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    ({"job_name": "a\nb"}, "job_name must be a single line"),
-    ({"cpus_to_use": 0}, "cpus_to_use must be at least 1"),
-    ({"time_limit": 0}, "time_limit (minutes) must be at least 1"),
-    ({"ram_gb": -1}, "ram_gb must be a positive number"),
-    ({"working_directory": "relative/dir"}, "working_directory must be an absolute path"),
-    ({"array": "1-3; rm -rf"}, "is not a SLURM array spec"),
-    ({"sbatch_options": ["--job-name=x"]}, "--job-name is set by a Job argument"),
-    ({"sbatch_options": ["constraint=x"]}, "is not of the form --name"),
-    ({"environment": {"BAD NAME": "x"}}, "is not a valid shell name"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"job_name": "a\nb"}, "job_name must be a single line"),
+        ({"cpus_to_use": 0}, "cpus_to_use must be at least 1"),
+        ({"time_limit": 0}, "time_limit (minutes) must be at least 1"),
+        ({"ram_gb": -1}, "ram_gb must be a positive number"),
+        ({"working_directory": "relative/dir"}, "working_directory must be an absolute path"),
+        ({"array": "1-3; rm -rf"}, "is not a SLURM array spec"),
+        ({"sbatch_options": ["--job-name=x"]}, "--job-name is set by a Job argument"),
+        ({"sbatch_options": ["constraint=x"]}, "is not of the form --name"),
+        ({"environment": {"BAD NAME": "x"}}, "is not a valid shell name"),
+    ],
+)
 def test_values_that_cannot_be_represented_raise_a_clear_error(overrides, fragment):
     with pytest.raises(UsageError) as error:
         make_job(**overrides)
@@ -85,9 +107,24 @@ def test_job_states_parse_including_cancelled_by_uid():
     assert JobStatus.parse("") is JobStatus.UNKNOWN
     assert JobStatus.TIMEOUT.is_finished and not JobStatus.TIMEOUT.is_success
     assert not JobStatus.COMPLETING.is_finished and JobStatus.COMPLETED.is_success
-    for state in ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", "COMPLETED", "CANCELLED", "FAILED",
-                  "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REQUEUED",
-                  "RESIZING"):
+    for state in (
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "SUSPENDED",
+        "COMPLETING",
+        "COMPLETED",
+        "CANCELLED",
+        "FAILED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "OUT_OF_MEMORY",
+        "REQUEUED",
+        "RESIZING",
+    ):
         assert JobStatus.parse(state).value == state
 
 
@@ -107,11 +144,14 @@ def test_squeue_and_sacct_rows_parse_with_separators_in_names():
 
 
 def test_merge_prefers_finished_sacct_then_squeue_then_records():
-    squeue = {"1": JobInfo("1", JobStatus.RUNNING, source="squeue"),
-              "2": JobInfo("2", JobStatus.COMPLETING, source="squeue")}
+    squeue = {
+        "1": JobInfo("1", JobStatus.RUNNING, source="squeue"),
+        "2": JobInfo("2", JobStatus.COMPLETING, source="squeue"),
+    }
     sacct = {"2": JobInfo("2", JobStatus.FAILED, 3, 0, source="sacct")}
-    merged = sl_forgery.merge_job_info(["1", "2", "3", "4", "5"], squeue, sacct, {"3": 0, "4": 2},
-                                       recent_ids=frozenset({"5"}))
+    merged = sl_forgery.merge_job_info(
+        ["1", "2", "3", "4", "5"], squeue, sacct, {"3": 0, "4": 2}, recent_ids=frozenset({"5"})
+    )
     assert merged["1"].status is JobStatus.RUNNING
     assert (merged["2"].status, merged["2"].exit_code) == (JobStatus.FAILED, 3)
     assert merged["3"].status is JobStatus.COMPLETED
@@ -139,8 +179,13 @@ def test_exit_codes_follow_the_documented_table():
 
 
 def test_command_errors_carry_what_ran_the_exit_code_and_stderr():
-    error = sl_forgery.SlurmError(["sbatch", "--partition=nope", "x.sh"], 1, "",
-                                  "sbatch: error: invalid partition specified: nope\n", what="sbatch")
+    error = sl_forgery.SlurmError(
+        ["sbatch", "--partition=nope", "x.sh"],
+        1,
+        "",
+        "sbatch: error: invalid partition specified: nope\n",
+        what="sbatch",
+    )
     assert error.summary == "sbatch failed with exit code 1: sbatch: error: invalid partition specified: nope"
     text = str(error)
     assert "RAN: sbatch --partition=nope x.sh" in text and "EXIT CODE: 1" in text and "STDERR:" in text

@@ -16,7 +16,11 @@ from conftest import cli, console_script
 
 def password_profile(cluster, name="pw", known_hosts=None) -> sl_forgery.Profile:
     return sl_forgery.Profile(
-        name=name, host=cluster.host, port=cluster.port, user=cluster.user, password_in_keyring=True,
+        name=name,
+        host=cluster.host,
+        port=cluster.port,
+        user=cluster.user,
+        password_in_keyring=True,
         ssh_options=[f"UserKnownHostsFile={known_hosts or cluster.known_hosts}", "PubkeyAuthentication=no"],
     )
 
@@ -98,8 +102,9 @@ def test_a_wrong_password_fails_fast_with_a_clear_error(secret_service, cluster,
     result = cli("-s", "wrong", "queue")
     assert time.monotonic() - started < 15
     assert result.returncode == 255
-    assert result.stderr.startswith(f"sl-forgery: error: ssh to {cluster.user}@{cluster.host}:{cluster.port} failed: "
-                                    "authentication refused")
+    assert result.stderr.startswith(
+        f"sl-forgery: error: ssh to {cluster.user}@{cluster.host}:{cluster.port} failed: authentication refused"
+    )
     assert "not-the-password" not in result.stderr and result.stderr.count("\n") == 1
     sl_forgery.store_password(profile.keyring_account, cluster.password)
 
@@ -117,8 +122,10 @@ def test_askpass_answers_password_prompts_only(secret_service, monkeypatch, caps
     monkeypatch.setenv(sl_forgery.ASKPASS_ACCOUNT_VARIABLE, "u@h:22")
     assert sl_forgery.askpass_main(["u@h's password: "]) == 0
     assert capsys.readouterr().out == "pw-for-askpass\n"
-    host_key_prompt = ("The authenticity of host '[h]:22' can't be established.\nED25519 key fingerprint is SHA256:x.\n"
-                       "Are you sure you want to continue connecting (yes/no/[fingerprint])? ")
+    host_key_prompt = (
+        "The authenticity of host '[h]:22' can't be established.\nED25519 key fingerprint is SHA256:x.\n"
+        "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
+    )
     assert sl_forgery.askpass_main([host_key_prompt]) == 1
     assert capsys.readouterr().out == ""
     sl_forgery.delete_password("u@h:22")
@@ -132,17 +139,34 @@ def test_an_unknown_host_key_is_not_confirmed_by_askpass(secret_service, cluster
     result = cli("-s", "unknown", "queue")
     assert result.returncode == 255
     assert "host key is unknown" in result.stderr and cluster.host in result.stderr
-    assert not (tmp_path / "empty_known_hosts").exists() or cluster.host not in (tmp_path / "empty_known_hosts").read_text()
+    assert (
+        not (tmp_path / "empty_known_hosts").exists()
+        or cluster.host not in (tmp_path / "empty_known_hosts").read_text()
+    )
 
 
 def test_accept_host_key_records_the_key_and_shows_its_fingerprint(cluster, home, tmp_path):
     known = tmp_path / "known_hosts"
-    result = cli("server", "add", "accepted", "--host", cluster.host, "--port", str(cluster.port), "--user",
-                 cluster.user, "--identity-file", str(cluster.key), "--ssh-option", f"UserKnownHostsFile={known}",
-                 "--accept-host-key")
+    result = cli(
+        "server",
+        "add",
+        "accepted",
+        "--host",
+        cluster.host,
+        "--port",
+        str(cluster.port),
+        "--user",
+        cluster.user,
+        "--identity-file",
+        str(cluster.key),
+        "--ssh-option",
+        f"UserKnownHostsFile={known}",
+        "--accept-host-key",
+    )
     assert result.returncode == 0, result.stderr
-    fingerprint = subprocess.run(["ssh-keygen", "-lf", f"{cluster.host_key}.pub"], capture_output=True,
-                                 text=True).stdout.split()[1]
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-lf", f"{cluster.host_key}.pub"], capture_output=True, text=True
+    ).stdout.split()[1]
     assert fingerprint in result.stderr
     assert f"[{cluster.host}]:{cluster.port}" in known.read_text()
     close_master(sl_forgery.load_config().profile("accepted"))
@@ -191,8 +215,17 @@ def test_setup_key_installs_a_key_and_forgets_the_password(secret_service, clust
 
 
 def test_config_file_is_private_and_holds_no_secret(secret_service, cluster, home):
-    result = cli("server", "add", "lab", "--host", cluster.host, "--user", cluster.user, "--password-stdin",
-                 input_text="typed-secret\n")
+    result = cli(
+        "server",
+        "add",
+        "lab",
+        "--host",
+        cluster.host,
+        "--user",
+        cluster.user,
+        "--password-stdin",
+        input_text="typed-secret\n",
+    )
     assert result.returncode == 0, result.stderr
     path = sl_forgery.config_path()
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
@@ -202,12 +235,15 @@ def test_config_file_is_private_and_holds_no_secret(secret_service, cluster, hom
     assert sl_forgery.get_password(f"{cluster.user}@{cluster.host}:22") is None
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("servers:\n  a:\n    host: [unclosed\n", ":3: not valid YAML"),
-    ("servers:\n  a:\n    host: h\n    colour: blue\n", ":4: unknown key 'colour' in server 'a'"),
-    ("servers:\n  a:\n    host: h\n    password: x\n", ":4: passwords do not belong in this file"),
-    ("default: b\nservers:\n  a:\n    host: h\n", ":1: default server 'b' is not defined"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("servers:\n  a:\n    host: [unclosed\n", ":3: not valid YAML"),
+        ("servers:\n  a:\n    host: h\n    colour: blue\n", ":4: unknown key 'colour' in server 'a'"),
+        ("servers:\n  a:\n    host: h\n    password: x\n", ":4: passwords do not belong in this file"),
+        ("default: b\nservers:\n  a:\n    host: h\n", ":1: default server 'b' is not defined"),
+    ],
+)
 def test_a_bad_config_file_gives_a_one_line_error_with_its_line_and_is_not_rewritten(home, content, fragment):
     path = sl_forgery.config_path()
     path.parent.mkdir(parents=True)
@@ -229,23 +265,50 @@ def test_a_world_readable_config_or_a_missing_profile_is_refused(home, profile_n
 
 def test_legacy_credentials_from_the_original_command_work(secret_service, cluster, home, tmp_path, monkeypatch):
     ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
-                          f"  UserKnownHostsFile {cluster.known_hosts}\n")
+    ssh_config.write_text(
+        f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+        f"  UserKnownHostsFile {cluster.known_hosts}\n"
+    )
     monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
     created = subprocess.run(
-        [console_script("sl-create-server-credentials"), "-od", str(tmp_path), "-h", cluster.host, "-u", cluster.user,
-         "-p", cluster.password, "-sr", "/storage", "-wr", "/work", "-sdn", "lab"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        [
+            console_script("sl-create-server-credentials"),
+            "-od",
+            str(tmp_path),
+            "-h",
+            cluster.host,
+            "-u",
+            cluster.user,
+            "-p",
+            cluster.password,
+            "-sr",
+            "/storage",
+            "-wr",
+            "/work",
+            "-sdn",
+            "lab",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     assert created.returncode == 0, created.stderr
     assert "visible to other users" in created.stderr
     credentials = tmp_path / "server_credentials.yaml"
     text = credentials.read_text()
     assert cluster.password not in text and "password" not in text
-    for line in ("username: slftest", "storage_root: /storage", "raw_data_root: /storage/lab",
-                 "user_working_root: /work/slftest"):
+    for line in (
+        "username: slftest",
+        "storage_root: /storage",
+        "raw_data_root: /storage/lab",
+        "user_working_root: /work/slftest",
+    ):
         assert line in text
-    again = subprocess.run([console_script("sl-create-server-credentials"), "-od", str(tmp_path), "-h", "x", "-u",
-                            "y", "-p", "z"], capture_output=True, text=True)
+    again = subprocess.run(
+        [console_script("sl-create-server-credentials"), "-od", str(tmp_path), "-h", "x", "-u", "y", "-p", "z"],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2 and "already exists" in again.stderr and credentials.read_text() == text
     server = sl_forgery.Server(credentials_path=credentials)
     close_master(server.profile)
@@ -256,17 +319,29 @@ def test_legacy_credentials_from_the_original_command_work(secret_service, clust
 
 def test_import_moves_a_plaintext_password_into_the_keyring(secret_service, cluster, home, tmp_path, monkeypatch):
     ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
-                          f"  UserKnownHostsFile {cluster.known_hosts}\n")
+    ssh_config.write_text(
+        f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+        f"  UserKnownHostsFile {cluster.known_hosts}\n"
+    )
     monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
     credentials = tmp_path / "server_credentials.yaml"
-    original = (f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
-                "storage_root: /s\nworking_root: /w\nshared_directory_name: lab\n")
+    original = (
+        f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
+        "storage_root: /s\nworking_root: /w\nshared_directory_name: lab\n"
+    )
     credentials.write_text(original)
     credentials.chmod(0o640)
-    legacy = subprocess.run([sys_python(), "-c", "import sl_forgery, sys; "
-                             f"s = sl_forgery.Server(credentials_path={str(credentials)!r}); "
-                             "print(s.connection.run('whoami').stdout, end='')"], capture_output=True, text=True)
+    legacy = subprocess.run(
+        [
+            sys_python(),
+            "-c",
+            "import sl_forgery, sys; "
+            f"s = sl_forgery.Server(credentials_path={str(credentials)!r}); "
+            "print(s.connection.run('whoami').stdout, end='')",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert legacy.returncode == 0 and legacy.stdout == f"{cluster.user}\n"
     assert "holds a plaintext password" in legacy.stderr and "sl-forgery server import" in legacy.stderr
     result = cli("server", "import", str(credentials), "--name", "imported")
