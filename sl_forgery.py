@@ -1999,6 +1999,64 @@ class Server:
 # ======================================================================================================================
 
 
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_JOB_STATE_SCHEMA = {
+    "type": "object",
+    "required": ["job_id", "state", "finished", "exit_code", "signal", "reason", "name", "node"],
+    "additionalProperties": False,
+    "properties": {
+        "job_id": {"type": "string", "pattern": "^[0-9]+(_[0-9]+)?$"},
+        "state": {"enum": [status.value for status in JobStatus]},
+        "finished": {"type": "boolean"},
+        "exit_code": _NULLABLE_INT,
+        "signal": _NULLABLE_INT,
+        "reason": {"type": "string"},
+        "name": {"type": "string"},
+        "node": {"type": "string"},
+    },
+}
+# The documents printed by --json: a stable contract; new fields may be added, none removed or renamed.
+JSON_SCHEMAS = {
+    "jobs": {  # status, wait, queue
+        "type": "object",
+        "required": ["jobs"],
+        "properties": {"jobs": {"type": "array", "items": _JOB_STATE_SCHEMA}},
+    },
+    "history": {
+        "type": "object",
+        "required": ["jobs"],
+        "properties": {
+            "jobs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": list(JobRecord._fields),
+                    "properties": {
+                        **{field: {"type": "string"} for field in JobRecord._fields},
+                        "submitted": {"type": "number"},
+                    },
+                },
+            }
+        },
+    },
+    "servers": {
+        "type": "object",
+        "required": ["default", "servers"],
+        "properties": {
+            "default": {"type": ["string", "null"]},
+            "servers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "host"],
+                    "properties": {"name": {"type": "string"}, "host": {"type": "string"}, "port": _NULLABLE_INT},
+                },
+            },
+        },
+    },
+}
+
+
 class Progress:
     """Job state changes on stderr: one live line on a terminal, timestamped lines otherwise."""
 
@@ -2290,28 +2348,83 @@ def cmd_disconnect(args: Any) -> int:
 
 
 SERVER_CHECKS = (
-    ("slurm", "sinfo --version", "SLURM client commands are not on the PATH of a non-interactive login"),
-    ("accounting", "sacct -n -X -S now -o JobID", "sacct does not answer: statuses come from squeue and exit records"),
-    ("conda", "conda --version", "conda is not on the PATH of a non-interactive login: jobs with an environment fail"),
+    ("slurm", "sinfo --version", "put the SLURM client commands on the PATH of a non-interactive login"),
+    (
+        "accounting",
+        "sacct -n -X -S now -o JobID",
+        "ask the admins about accounting; statuses use exit records meanwhile",
+    ),
+    ("conda", "conda --version", "put conda on the PATH of a non-interactive login (e.g. in ~/.bashrc, early)"),
 )
 
 
-def cmd_check(args: Any) -> int:
-    server = _open_server(args)
-    rows = []
+def _server_checks(server: Server) -> list[list[str]]:
+    """Rows of (check, ok/FAIL, detail, fix) for the connection and what jobs need on the server."""
     started = time.monotonic()
-    server.connection.ensure_connected()
-    rows.append(["ssh", "ok", f"{server.connection.describe()} ({time.monotonic() - started:.2f} s)"])
-    failed = False
-    for name, command, advice in SERVER_CHECKS:
+    try:
+        server.connection.ensure_connected()
+    except SSHError as error:
+        skipped = [
+            [name, "FAIL", "not checked: no connection", "fix the connection first"] for name, _, _ in SERVER_CHECKS
+        ]
+        fix = "check the host, port and user; 'ssh' to it by hand; start its sshd"
+        return [["connection", "FAIL", error.summary, fix], *skipped]
+    elapsed = time.monotonic() - started
+    rows = [["connection", "ok", f"{server.connection.describe()} ({elapsed:.2f} s)", ""]]
+    for name, command, fix in SERVER_CHECKS:
         result = server.connection.run(command, check=False)
         if result.returncode == 0:
-            rows.append([name, "ok", (result.stdout.strip().splitlines() or [""])[0]])
+            rows.append([name, "ok", (result.stdout.strip().splitlines() or [""])[0], ""])
         else:
-            failed = True
-            rows.append([name, "FAIL", advice])
-    print(format_table(["CHECK", "RESULT", "DETAIL"], rows))
-    return EXIT_FAILURE if failed else EXIT_OK
+            detail = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+            rows.append([name, "FAIL", detail, fix])
+    return rows
+
+
+def _print_checks(rows: list[list[str]]) -> int:
+    print(format_table(["CHECK", "RESULT", "DETAIL", "FIX"], rows))
+    return EXIT_OK if all(row[1] == "ok" for row in rows) else EXIT_FAILURE
+
+
+def cmd_check(args: Any) -> int:
+    return _print_checks(_server_checks(_open_server(args)))
+
+
+def _local_checks() -> list[list[str]]:
+    rows = []
+    version = _run(["ssh", "-V"], timeout=10)
+    text = (version.stderr or version.stdout).strip()
+    match = re.search(r"OpenSSH_(\d+)\.(\d+)", text)
+    if match and (int(match.group(1)), int(match.group(2))) >= (7, 3):
+        rows.append(["openssh", "ok", f"{text.split(',')[0]} (ControlMaster, ControlPersist, ProxyJump)", ""])
+    else:
+        rows.append(["openssh", "FAIL", text or "ssh not found", "install OpenSSH 7.3 or newer"])
+    path = config_path()
+    try:
+        config = load_config()
+        if config.servers:
+            rows.append(["config", "ok", f"{path} ({len(config.servers)} servers, mode 0600)", ""])
+        else:
+            rows.append(["config", "FAIL", f"no server in {path}", "sl-forgery server add NAME --host H --user U"])
+    except ConfigError as error:
+        rows.append(["config", "FAIL", str(error), "fix or move the file as the detail says"])
+    try:
+        backend = secure_keyring()
+        rows.append(["keyring", "ok", f"{type(backend).__module__}.{type(backend).__name__}", ""])
+    except CredentialError as error:
+        rows.append(["keyring", "FAIL", str(error).split(";")[0], "use SSH keys, or install a Secret Service backend"])
+    return rows
+
+
+def cmd_doctor(args: Any) -> int:
+    rows = _local_checks()
+    try:
+        server = _open_server(args)
+    except ConfigError as error:
+        rows.append(["server", "FAIL", str(error), "sl-forgery server add NAME --host H --user U"])
+    else:
+        rows += _server_checks(server)
+    return _print_checks(rows)
 
 
 def _read_new_password(args: Any) -> str | None:
@@ -2520,37 +2633,114 @@ def cmd_server_setup_key(args: Any) -> int:
 
 
 def cmd_completion(args: Any) -> int:
-    import shtab
-
-    print(shtab.complete(get_parser(), shell=args.shell, preamble=_COMPLETION_PREAMBLE.get(args.shell, "")))
+    print(completion_script(args.shell), end="")
     return EXIT_OK
 
 
+def completion_script(shell: str) -> str:
+    """The completion script for a shell, generated from `get_parser` (bash and zsh by shtab, fish here)."""
+    parser = get_parser()
+    if shell == "fish":
+        return render_fish_completion(parser)
+    import shtab
+
+    return shtab.complete(parser, shell=shell, preamble=_COMPLETION_PREAMBLE[shell]) + "\n"
+
+
+def _fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def render_fish_completion(parser: Any) -> str:
+    """A fish completion script walked from the argparse parser: sub-commands, their options, and the same
+    server-name and job-id sources as bash and zsh."""
+    import argparse
+
+    lines = [f"# fish completion for {parser.prog}, generated from its argument parser", _COMPLETION_PREAMBLE["fish"]]
+    lines.append(f"complete -c {parser.prog} -f")
+
+    def describe(action: Any) -> str:
+        return (
+            f" -d {_fish_quote(action.help.splitlines()[0])}" if action.help and action.help != "==SUPPRESS==" else ""
+        )
+
+    def values(action: Any) -> str:
+        source = getattr(action, "complete", {}).get("fish")
+        if source == "files":
+            return " -F"
+        if source:
+            return f" -a {_fish_quote(source)}"
+        if action.choices:
+            return f" -a {_fish_quote(' '.join(action.choices))}"
+        return ""
+
+    def walk(current: Any, path: list[str]) -> None:
+        tests = [f"__fish_seen_subcommand_from {word}" for word in path] or ["__fish_use_subcommand"]
+        condition = f"-n {_fish_quote('; and '.join(tests))}"
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                names = " ".join(action.choices)
+                listing = tests if not path else [*tests, f"not __fish_seen_subcommand_from {names}"]
+                for choice in action._choices_actions:
+                    lines.append(
+                        f"complete -c {parser.prog} -n {_fish_quote('; and '.join(listing))} -a {choice.dest}"
+                        f"{describe(choice)}"
+                    )
+                for name, child in action.choices.items():
+                    walk(child, [*path, name])
+            elif action.option_strings:
+                flags = "".join(f" -l {o[2:]}" if o.startswith("--") else f" -s {o[1:]}" for o in action.option_strings)
+                # -x: an argument is required and no local file is offered, unless the option names a file.
+                value = "" if action.nargs == 0 else f" -{'r' if values(action) == ' -F' else 'x'}{values(action)}"
+                lines.append(f"complete -c {parser.prog} {condition}{flags}{value}{describe(action)}")
+            elif path and values(action):
+                lines.append(f"complete -c {parser.prog} {condition}{values(action)}")
+
+    walk(parser, [])
+    return "\n".join(lines) + "\n"
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+_SERVERS_SED = "sed -n 's/^  \\([A-Za-z0-9_.-][^:]*\\):.*/\\1/p'"
+_JOBS_SED = 'sed -n \'s/^{"job_id": "\\([0-9_]*\\)".*/\\1/p\''
 _COMPLETION_PREAMBLE = {
-    "bash": """
-_sl_forgery_servers() {
-  local file="${SL_FORGERY_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/sl-forgery/servers.yaml}"
-  [ -r "$file" ] && compgen -W "$(sed -n 's/^  \\([A-Za-z0-9_.-][^:]*\\):.*/\\1/p' "$file")" -- "$1"
-}
-_sl_forgery_jobs() {
-  local file="${XDG_STATE_HOME:-$HOME/.local/state}/sl-forgery/jobs.jsonl"
-  [ -r "$file" ] && compgen -W "$(tail -n 50 "$file" | sed -n 's/^{"job_id": "\\([0-9_]*\\)".*/\\1/p')" -- "$1"
-}
+    "bash": f"""
+_sl_forgery_servers() {{
+  local file="${{SL_FORGERY_CONFIG:-${{XDG_CONFIG_HOME:-$HOME/.config}}/sl-forgery/servers.yaml}}"
+  [ -r "$file" ] && compgen -W "$({_SERVERS_SED} "$file")" -- "$1"
+}}
+_sl_forgery_jobs() {{
+  local file="${{XDG_STATE_HOME:-$HOME/.local/state}}/sl-forgery/jobs.jsonl"
+  [ -r "$file" ] && compgen -W "$(tail -n 50 "$file" | {_JOBS_SED})" -- "$1"
+}}
 """,
-    "zsh": """
-_sl_forgery_servers() {
-  local file="${SL_FORGERY_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/sl-forgery/servers.yaml}"
-  [ -r "$file" ] && compadd -- ${(f)"$(sed -n 's/^  \\([A-Za-z0-9_.-][^:]*\\):.*/\\1/p' "$file")"}
-}
-_sl_forgery_jobs() {
-  local file="${XDG_STATE_HOME:-$HOME/.local/state}/sl-forgery/jobs.jsonl"
-  [ -r "$file" ] && compadd -- ${(f)"$(tail -n 50 "$file" | sed -n 's/^{"job_id": "\\([0-9_]*\\)".*/\\1/p')"}
-}
+    "zsh": f"""
+_sl_forgery_servers() {{
+  local file="${{SL_FORGERY_CONFIG:-${{XDG_CONFIG_HOME:-$HOME/.config}}/sl-forgery/servers.yaml}}"
+  [ -r "$file" ] && compadd -- ${{(f)"$({_SERVERS_SED} "$file")"}}
+}}
+_sl_forgery_jobs() {{
+  local file="${{XDG_STATE_HOME:-$HOME/.local/state}}/sl-forgery/jobs.jsonl"
+  [ -r "$file" ] && compadd -- ${{(f)"$(tail -n 50 "$file" | {_JOBS_SED})"}}
+}}
 """,
+    "fish": f"""function __sl_forgery_servers
+    set -l config_home $HOME/.config
+    set -q XDG_CONFIG_HOME; and set config_home $XDG_CONFIG_HOME
+    set -l file $config_home/sl-forgery/servers.yaml
+    set -q SL_FORGERY_CONFIG; and set file $SL_FORGERY_CONFIG
+    test -r $file; and {_SERVERS_SED} $file
+end
+function __sl_forgery_jobs
+    set -l state_home $HOME/.local/state
+    set -q XDG_STATE_HOME; and set state_home $XDG_STATE_HOME
+    set -l file $state_home/sl-forgery/jobs.jsonl
+    test -r $file; and tail -n 50 $file | {_JOBS_SED}
+end""",
 }
-_COMPLETE_SERVER = {"bash": "_sl_forgery_servers", "zsh": "_sl_forgery_servers"}
-_COMPLETE_JOB = {"bash": "_sl_forgery_jobs", "zsh": "_sl_forgery_jobs"}
-_COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_COMPLETE_SERVER = {"bash": "_sl_forgery_servers", "zsh": "_sl_forgery_servers", "fish": "(__sl_forgery_servers)"}
+_COMPLETE_JOB = {"bash": "_sl_forgery_jobs", "zsh": "_sl_forgery_jobs", "fish": "(__sl_forgery_jobs)"}
+_COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "fish": "files"}
 
 
 def _add_resource_options(parser: Any) -> None:
@@ -2640,6 +2830,7 @@ def get_parser() -> Any:
     command("connect", cmd_connect, "open the shared connection to the server (later calls reuse it)")
     command("disconnect", cmd_disconnect, "close the shared connection")
     command("check", cmd_check, "check the connection, SLURM, accounting and conda on the server")
+    command("doctor", cmd_doctor, "check OpenSSH, the config file, the keyring, then the server; a fix per failure")
 
     sub = command("server", lambda args: (sub.print_help(), EXIT_USAGE)[1], "manage server profiles")
     servers = sub.add_subparsers(dest="server_command", metavar="ACTION")
@@ -2654,8 +2845,10 @@ def get_parser() -> Any:
     add.add_argument("--host", required=True, help="host name, address or ~/.ssh/config alias")
     add.add_argument("--user", help="user name on the server")
     add.add_argument("--port", type=int)
-    add.add_argument("--identity-file", metavar="KEY")
-    add.add_argument("--ssh-config", metavar="FILE", help="ssh config file to use instead of ~/.ssh/config")
+    add.add_argument("--identity-file", metavar="KEY").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
+    add.add_argument(
+        "--ssh-config", metavar="FILE", help="ssh config file to use instead of ~/.ssh/config"
+    ).complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     add.add_argument("--ssh-option", action="append", metavar="OPTION", help="extra ssh -o option (repeatable)")
     add.add_argument("--storage-root")
     add.add_argument("--working-root")
@@ -2691,7 +2884,9 @@ def get_parser() -> Any:
         "create an ed25519 key if needed and install it on the server, so no password is needed",
     )
     action.add_argument("name", metavar="NAME").complete = _COMPLETE_SERVER  # type: ignore[attr-defined]
-    action.add_argument("--key", metavar="FILE", help="private key to use or create (default ~/.ssh/id_ed25519)")
+    action.add_argument(
+        "--key", metavar="FILE", help="private key to use or create (default ~/.ssh/id_ed25519)"
+    ).complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     action = server_command(
         "import", cmd_server_import, "import a legacy server_credentials.yaml (the password moves to the keyring)"
     )
@@ -2699,12 +2894,54 @@ def get_parser() -> Any:
     action.add_argument("--name", help="profile name (default: the host)")
 
     sub = command("completion", cmd_completion, "print a shell completion script")
-    sub.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    sub.add_argument("shell", choices=COMPLETION_SHELLS)
     return parser
+
+
+def _help_width() -> int:
+    """The terminal width argparse will format for, found without importing shutil."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _cached_text(key: str, produce: Callable[[], str]) -> str:
+    """Text that depends only on this file (help, completion scripts), kept in the user's cache directory so that
+    shells sourcing ``sl-forgery completion bash`` at start-up do not build the parser every time."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    stamp = f"{__version__}-{os.stat(__file__).st_mtime_ns}"
+    path = os.path.join(cache_home, APP_NAME, f"{key}-{stamp}.txt")
+    try:
+        with open(path, encoding="utf-8") as cached:
+            return cached.read()
+    except OSError:
+        pass
+    text = produce()
+    try:
+        directory = os.path.dirname(path)
+        for old in os.listdir(directory) if os.path.isdir(directory) else []:
+            if old.startswith(f"{key}-"):
+                os.unlink(os.path.join(directory, old))
+        write_private_file(Path(path), text)
+    except OSError:
+        pass  # a read-only home only costs speed
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words in (["--help"], ["-h"]):
+        sys.stdout.write(_cached_text(f"help-{_help_width()}", lambda: get_parser().format_help()))
+        return EXIT_OK
+    if len(words) == 2 and words[0] == "completion" and words[1] in COMPLETION_SHELLS:
+        sys.stdout.write(_cached_text(f"completion-{words[1]}", lambda: completion_script(words[1])))
+        return EXIT_OK
     parser = get_parser()
     try:
         args = parser.parse_args(argv)

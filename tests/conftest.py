@@ -127,6 +127,7 @@ def home(tmp_path, monkeypatch) -> Path:
     """A private config and state home for one test, so nothing touches the real user's files."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for name in ("SL_FORGERY_CONFIG", "SL_FORGERY_SERVER", "SL_FORGERY_SSH_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path
