@@ -113,6 +113,14 @@ class CredentialError(SlForgeryError):
     """A password cannot be stored or found."""
 
 
+class JupyterError(SlForgeryError):
+    """A Jupyter job ended before its server answered; ``log_tail`` holds the end of its error log."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
 class WaitTimeout(SlForgeryError):
     """`wait` gave up before every job ended."""
 
@@ -419,6 +427,66 @@ def render_job_script(job: Job) -> str:
         lines += render_conda_activation(job.conda_environment)
     lines += ["", *job.commands, ""]
     return "\n".join(lines)
+
+
+JUPYTER_RUNTIME_GLOB = "jpserver-*"
+
+
+class JupyterJob(Job):
+    """A job whose only command runs Jupyter Lab: on a port free on its node (or ``port``), with a random token
+    made on the node and passed through the environment (never in argv), its runtime files in a 0700 directory.
+
+    After `Server.launch_jupyter_server` it also carries where the server listens (``host``, ``port``), its
+    ``token``, the local end of the tunnel (``local_port``) and the ``url`` that works in a browser here.
+    """
+
+    def __init__(
+        self,
+        job_name: str,
+        output_log: str,
+        error_log: str,
+        working_directory: str,
+        conda_environment: str | None,
+        notebook_directory: str,
+        port: int = 0,
+        jupyter_args: str = "",
+        **job_arguments: Any,
+    ) -> None:
+        super().__init__(job_name, output_log, error_log, working_directory, conda_environment, **job_arguments)
+        self.notebook_directory = _remote_path("notebook_directory", notebook_directory)
+        self.port = _check_int("port", port, minimum=0)
+        self.jupyter_args = shlex.split(_check_text("jupyter_args", jupyter_args, allow_empty=True))
+        self.host: str | None = None
+        self.token: str | None = None
+        self.local_port: int | None = None
+        self.url: str | None = None
+        self.commands = render_jupyter_commands(self)
+
+    @property
+    def runtime_directory(self) -> str:
+        return str(PurePosixPath(self.working_directory, REMOTE_RECORD_DIR, "jupyter"))
+
+
+def render_jupyter_commands(job: JupyterJob) -> list[str]:
+    """The commands of a Jupyter job. The token is made on the node and reaches Jupyter through JUPYTER_TOKEN;
+    port 0 lets the node pick a free port, which Jupyter writes into its runtime file for the client to read."""
+    lab = [
+        "jupyter",
+        "lab",
+        "--no-browser",
+        f"--ServerApp.port={job.port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={job.notebook_directory}",
+        *job.jupyter_args,
+    ]
+    return [
+        "umask 077",
+        f"export JUPYTER_RUNTIME_DIR={shlex.quote(job.runtime_directory)}",
+        'mkdir -p "$JUPYTER_RUNTIME_DIR"',
+        "JUPYTER_TOKEN=\"$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"",
+        "export JUPYTER_TOKEN",
+        f'{shlex.join(lab)} --ServerApp.ip="$(hostname)"',
+    ]
 
 
 def inject_exit_record(script: str) -> str:
@@ -1106,6 +1174,26 @@ def load_job_records(server: str | None = None) -> dict[str, JobRecord]:
     return records
 
 
+def jupyter_records_path() -> Path:
+    return state_dir() / "jupyter.json"
+
+
+def load_jupyter_records() -> dict[str, dict[str, Any]]:
+    """Running Jupyter servers started from this machine; a private file (0600), since it holds their tokens."""
+    import json
+
+    try:
+        return dict(json.loads(jupyter_records_path().read_text(encoding="utf-8")))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def save_jupyter_records(records: Mapping[str, Mapping[str, Any]]) -> None:
+    import json
+
+    write_private_file(jupyter_records_path(), json.dumps(records, indent=1))
+
+
 _INSECURE_BACKENDS = ("keyring.backends.fail", "keyring.backends.null", "keyrings.alt")
 
 
@@ -1345,6 +1433,34 @@ def _run(
         process.wait()
         raise
     return subprocess.CompletedProcess(argv, process.returncode, out or "", err or "")
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (OpenSSH refuses to forward local port 0)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float) -> None:
+    """Block until a URL answers 200; raise SSHError naming the address (never the token) if it does not."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    problem = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as error:
+            problem = str(getattr(error, "reason", error))
+        time.sleep(0.3)
+    address = url.split("?")[0]
+    raise SSHError(["GET", address], 1, "", f"no answer within {timeout:g} s: {problem}", what="the tunnel")
 
 
 class SSHConnection:
@@ -1597,6 +1713,19 @@ class SSHConnection:
 
     def upload(self, local: str | os.PathLike[str], remote: str, recursive: bool = False) -> None:
         self._scp([os.fspath(local)], self.remote_spec(remote), recursive)
+
+    def forward(self, local_port: int, host: str, port: int, cancel: bool = False) -> bool:
+        """Add (or cancel) a forward of 127.0.0.1:local_port to host:port on the running master; False when the
+        local port is taken."""
+        self.ensure_connected()
+        argv = self._control_argv("cancel" if cancel else "forward", "-L", f"127.0.0.1:{local_port}:{host}:{port}")
+        self._log(argv)
+        result = _run(argv, timeout=30)
+        if result.returncode != 0 and not cancel:
+            if "Address already in use" in result.stderr or "Port forwarding failed" in result.stderr:
+                return False
+            raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -O forward")
+        return result.returncode == 0
 
     def download(self, remote: str, local: str | os.PathLike[str], recursive: bool = False) -> None:
         self._scp([self.remote_spec(remote)], os.fspath(local), recursive)
@@ -1950,6 +2079,173 @@ class Server:
         self.scheduler_queries += 1
         return list(parse_squeue(result.stdout).values())
 
+    # -- Jupyter ----------------------------------------------------------------------------------------------------
+
+    def launch_jupyter_server(
+        self,
+        job_name: str,
+        conda_environment: str,
+        notebook_directory: str | os.PathLike[str],
+        cpus_to_use: int = 2,
+        ram_gb: float = 32,
+        time_limit: int = 240,
+        port: int = 0,
+        jupyter_args: str = "",
+        *,
+        partition: str | None = None,
+        wait_timeout: float | None = None,
+        on_change: Callable[[JobInfo], None] | None = None,
+    ) -> JupyterJob:
+        """Run Jupyter Lab as a job, wait until it answers through a tunnel to a free local port, and return the job
+        with its ``url``. If it cannot start (no jupyterlab in the environment, the job fails, or it is still
+        pending after ``wait_timeout`` seconds) the job is cancelled and the error raised names the cause."""
+        workdir = self.default_job_directory(job_name)
+        job = JupyterJob(
+            job_name,
+            f"{workdir}/output.log",
+            f"{workdir}/error.log",
+            workdir,
+            conda_environment,
+            os.fspath(notebook_directory),
+            port,
+            jupyter_args,
+            cpus_to_use=cpus_to_use,
+            ram_gb=ram_gb,
+            time_limit=time_limit,
+            partition=partition or self.profile.partition,
+            account=self.profile.account,
+        )
+        self.submit_job(job)
+        try:
+            self._await_jupyter(job, wait_timeout, on_change)
+            self.connect_jupyter(job)
+        except BaseException:
+            self.cancel([job.job_id])
+            raise
+        return job
+
+    def _await_jupyter(
+        self, job: JupyterJob, wait_timeout: float | None, on_change: Callable[[JobInfo], None] | None
+    ) -> None:
+        """Wait for Jupyter's runtime file, read it over the master and remove it (it holds the token)."""
+        import json
+
+        runtime = shlex.quote(job.runtime_directory)
+        read = (
+            f'for f in {runtime}/{JUPYTER_RUNTIME_GLOB}.json; do [ -f "$f" ] && cat "$f" && '
+            f"rm -f {runtime}/{JUPYTER_RUNTIME_GLOB}; break; done; true"
+        )
+        deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+        last: JobInfo | None = None
+        next_status = 0.0
+        while True:
+            if time.monotonic() >= next_status:
+                info = self.job_info([job.job_id])[job.job_id]
+                if on_change and (last is None or (last.status, last.reason) != (info.status, info.reason)):
+                    on_change(info)
+                last = info
+                next_status = time.monotonic() + (2.0 if info.status is JobStatus.RUNNING else 5.0)
+                if info.status.is_finished:
+                    tail = self.read_file(job.error_log, tail_lines=15) if self.exists(job.error_log) else ""
+                    raise JupyterError(
+                        f"Jupyter job {job.job_id} ended {info.status} before its server answered"
+                        f"{': ' + tail.strip().splitlines()[-1] if tail.strip() else ''}",
+                        tail,
+                    )
+            if last is not None and last.status is JobStatus.RUNNING:
+                text = self.connection.run(read, what="reading Jupyter's runtime file").stdout
+                if text.strip():
+                    details = json.loads(text)
+                    job.host, job.port, job.token = details["hostname"], int(details["port"]), details["token"]
+                    return
+            if deadline is not None and time.monotonic() >= deadline:
+                state = f"{last.status}, {last.reason}" if last and last.reason else str(last.status if last else "")
+                raise WaitTimeout(
+                    f"Jupyter job {job.job_id} did not start within {wait_timeout:g} s ({state}); it was cancelled"
+                )
+            time.sleep(1.0)
+
+    def connect_jupyter(self, job: JupyterJob | str | int, timeout: float = 60) -> JupyterJob:
+        """(Re)create the tunnel to a running Jupyter job on a free local port; wait until /api/status answers."""
+        if not isinstance(job, JupyterJob):
+            job = self.jupyter_job(job)
+        assert job.host and job.port and job.token and job.job_id
+        if job.local_port:
+            # A forward may survive from before; a new one follows on whatever port is free now.
+            self.connection.forward(job.local_port, job.host, job.port, cancel=True)
+        # The same local port as before when it is still free, so that an open browser tab keeps working.
+        candidates = [job.local_port] if job.local_port else []
+        for local_port in [*candidates, *(free_local_port() for _ in range(5))]:
+            if self.connection.forward(local_port, job.host, job.port):
+                break
+        else:
+            raise SSHError(["ssh", "-O", "forward"], 255, "", "no free local port could be forwarded")
+        job.local_port = local_port
+        job.url = f"http://127.0.0.1:{local_port}/lab?token={job.token}"
+        wait_for_http(f"http://127.0.0.1:{local_port}/api/status?token={job.token}", timeout)
+        self._remember_jupyter(job)
+        return job
+
+    def jupyter_job(self, job_id: str | int) -> JupyterJob:
+        """A Jupyter job started from this machine, rebuilt from the private local record."""
+        job_id = normalize_job_id(job_id)
+        details = load_jupyter_records().get(job_id)
+        if details is None or details["server"] != self.profile.name:
+            raise UsageError(
+                f"job {job_id} is not a Jupyter server started from this machine on "
+                f"{self.profile.name!r} (see 'sl-forgery jupyter list')"
+            )
+        job = JupyterJob(
+            "jupyter", "/dev/null", "/dev/null", details["working_directory"], None, details["working_directory"]
+        )
+        job.job_id, job.host, job.port, job.token = job_id, details["host"], details["port"], details["token"]
+        job.local_port, job.url = details.get("local_port"), details.get("url")
+        return job
+
+    def stop_jupyter(self, job_id: str | int) -> None:
+        """Cancel a Jupyter job and remove its tunnel."""
+        job = self.jupyter_job(job_id)
+        self.cancel([job.job_id])
+        if job.local_port:
+            self.connection.forward(job.local_port, job.host, job.port, cancel=True)
+        records = load_jupyter_records()
+        records.pop(job.job_id, None)
+        save_jupyter_records(records)
+
+    def list_jupyter(self) -> list[tuple[JupyterJob, JobInfo, str]]:
+        """Jupyter jobs of this server started from here and still alive: (job, state, time left)."""
+        jobs = [
+            self.jupyter_job(job_id)
+            for job_id, details in load_jupyter_records().items()
+            if details["server"] == self.profile.name
+        ]
+        if not jobs:
+            return []
+        infos = self.job_info([job.job_id for job in jobs])
+        ids = ",".join(job.job_id for job in jobs if job.job_id)
+        left = dict(
+            line.split("|", 1)
+            for line in self.connection.run(f"squeue -h -j {ids} -o '%i|%L' 2>/dev/null; true").stdout.split()
+        )
+        return [
+            (job, infos[job.job_id], left.get(job.job_id, ""))
+            for job in jobs
+            if not infos[job.job_id].status.is_finished
+        ]
+
+    def _remember_jupyter(self, job: JupyterJob) -> None:
+        records = load_jupyter_records()
+        records[job.job_id] = {
+            "server": self.profile.name,
+            "working_directory": job.working_directory,
+            "host": job.host,
+            "port": job.port,
+            "token": job.token,
+            "local_port": job.local_port,
+            "url": job.url,
+        }
+        save_jupyter_records(records)
+
     def read_file(self, path: str, tail_lines: int | None = None) -> str:
         quoted = shlex.quote(path)
         command = f"tail -n {int(tail_lines)} -- {quoted}" if tail_lines else f"cat -- {quoted}"
@@ -2034,6 +2330,26 @@ JSON_SCHEMAS = {
                     "properties": {
                         **{field: {"type": "string"} for field in JobRecord._fields},
                         "submitted": {"type": "number"},
+                    },
+                },
+            }
+        },
+    },
+    "jupyter": {
+        "type": "object",
+        "required": ["servers"],
+        "properties": {
+            "servers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["job_id", "state", "node", "time_left", "url"],
+                    "properties": {
+                        "job_id": {"type": "string"},
+                        "state": {"enum": [status.value for status in JobStatus]},
+                        "node": {"type": "string"},
+                        "time_left": {"type": "string"},
+                        "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/lab\\?token="},
                     },
                 },
             }
@@ -2632,6 +2948,116 @@ def cmd_server_setup_key(args: Any) -> int:
     return EXIT_OK
 
 
+def _jupyter_job_for_dry_run(args: Any) -> JupyterJob:
+    workdir = f"/~/{JOBS_ROOT_NAME}/jupyter-TIMESTAMP"
+    return JupyterJob(
+        "jupyter",
+        f"{workdir}/output.log",
+        f"{workdir}/error.log",
+        workdir,
+        args.env or "ENV",
+        args.dir or "/~",
+        args.port,
+        args.jupyter_args or "",
+        cpus_to_use=args.cpus,
+        ram_gb=args.mem,
+        time_limit=args.time,
+        partition=args.partition,
+    )
+
+
+def cmd_jupyter(args: Any) -> int:
+    if args.dry_run:
+        print(_jupyter_job_for_dry_run(args).script, end="")
+        return EXIT_OK
+    server = _open_server(args)
+    environment = args.env or server.profile.conda_environment
+    if not environment:
+        raise UsageError("no conda environment with jupyterlab given: pass --env ENV (or set conda_environment)")
+    notebooks = args.dir or (str(server.user_working_root) if server.profile.working_root else server.remote_home())
+    try:
+        job = server.launch_jupyter_server(
+            "jupyter",
+            environment,
+            notebooks,
+            args.cpus,
+            args.mem,
+            args.time,
+            args.port,
+            args.jupyter_args or "",
+            partition=args.partition,
+            wait_timeout=args.wait_timeout,
+            on_change=Progress(quiet=args.quiet),
+        )
+    except JupyterError as error:
+        if error.log_tail.strip():
+            print(f"--- last lines of the job's error log ---\n{error.log_tail.rstrip()}", file=sys.stderr)
+        raise
+    print(job.url, flush=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(job.url or "")
+    if args.detach:
+        if not args.quiet:
+            print(
+                f"Jupyter job {job.job_id} keeps running; 'sl-forgery jupyter stop {job.job_id}' ends it",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+    if not args.quiet:
+        print(f"Jupyter job {job.job_id} runs on {job.host}; Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        infos = server.wait([job.job_id])
+    except KeyboardInterrupt:
+        server.stop_jupyter(job.job_id)
+        print(f"\n{APP_NAME}: stopped Jupyter job {job.job_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    server.stop_jupyter(job.job_id)
+    return exit_code_for(infos.values())
+
+
+def cmd_jupyter_list(args: Any) -> int:
+    server = _open_server(args)
+    running = server.list_jupyter()
+    if args.json:
+        _print_json(
+            {
+                "servers": [
+                    {
+                        "job_id": job.job_id,
+                        "state": info.status.value,
+                        "node": info.node or job.host,
+                        "time_left": left,
+                        "url": job.url,
+                    }
+                    for job, info, left in running
+                ]
+            }
+        )
+    elif running:
+        print(
+            format_table(
+                ["JOBID", "STATE", "NODE", "TIME LEFT", "URL"],
+                [[job.job_id, info.status, info.node or job.host, left, job.url] for job, info, left in running],
+            )
+        )
+    return EXIT_OK
+
+
+def cmd_jupyter_connect(args: Any) -> int:
+    job = _open_server(args).connect_jupyter(args.job_id)
+    print(job.url)
+    return EXIT_OK
+
+
+def cmd_jupyter_stop(args: Any) -> int:
+    _open_server(args).stop_jupyter(args.job_id)
+    if not args.quiet:
+        print(f"stopped Jupyter job {normalize_job_id(args.job_id)}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_completion(args: Any) -> int:
     print(completion_script(args.shell), end="")
     return EXIT_OK
@@ -2892,6 +3318,32 @@ def get_parser() -> Any:
     )
     action.add_argument("file", metavar="FILE").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     action.add_argument("--name", help="profile name (default: the host)")
+
+    sub = command("jupyter", cmd_jupyter, "run Jupyter Lab as a job and print a URL that works here", json_flag)
+    sub.add_argument("-e", "--env", metavar="ENV", help="conda environment with jupyterlab")
+    sub.add_argument("-c", "--cpus", type=int, default=2, metavar="N", help="CPUs (default 2)")
+    sub.add_argument("-m", "--mem", type=float, default=32, metavar="GB", help="memory in GB (default 32)")
+    sub.add_argument("-t", "--time", type=int, default=240, metavar="MIN", help="time limit in minutes (default 240)")
+    sub.add_argument("-p", "--port", type=int, default=0, help="port on the node (default 0: any free port)")
+    sub.add_argument("--dir", metavar="DIR", help="notebook directory on the server (default: your working root)")
+    sub.add_argument("--partition", metavar="P")
+    sub.add_argument("--jupyter-args", metavar="ARGS", help="extra arguments for 'jupyter lab'")
+    sub.add_argument("--wait-timeout", type=float, metavar="SECONDS", help="cancel if not started by then (exit 124)")
+    sub.add_argument("--detach", action="store_true", help="leave it running and return")
+    sub.add_argument("--open", action="store_true", help="open the URL in a browser")
+    sub.add_argument("--dry-run", action="store_true", help="print the job script; connect to nothing")
+    jupyter_actions = sub.add_subparsers(dest="jupyter_command", metavar="ACTION")
+    for name, handler, help_text in (
+        ("list", cmd_jupyter_list, "running Jupyter servers started from here"),
+        ("connect", cmd_jupyter_connect, "re-create the tunnel to a running server"),
+        ("stop", cmd_jupyter_stop, "end a Jupyter server"),
+    ):
+        action = jupyter_actions.add_parser(
+            name, help=help_text, description=help_text, parents=[common, *([json_flag] if name == "list" else [])]
+        )
+        action.set_defaults(handler=handler)
+        if name != "list":
+            action.add_argument("job_id", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
 
     sub = command("completion", cmd_completion, "print a shell completion script")
     sub.add_argument("shell", choices=COMPLETION_SHELLS)

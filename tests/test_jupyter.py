@@ -1,0 +1,127 @@
+"""Jupyter Lab as a SLURM job on the real cluster, reached through a tunnel over the shared connection."""
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import jsonschema
+import pytest
+
+import sl_forgery
+from conftest import cli, console_script
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def status_urls(url: str) -> tuple[str, str]:
+    """The /api/status address of a printed URL, with and without its token."""
+    base, token = url.split("/lab?token=")
+    return f"{base}/api/status?token={token}", f"{base}/api/status"
+
+
+def running_jobs(cluster) -> set[str]:
+    return set(cluster.ssh("squeue -h -u slftest -o %i").stdout.split())
+
+
+def test_a_server_answers_with_its_token_only_and_the_token_stays_off_the_server(server, cluster):
+    job = server.launch_jupyter_server("notebook", "jupyter", cluster.home, ram_gb=1, time_limit=10)
+    try:
+        with_token, without = status_urls(job.url)
+        assert http_status(with_token) == 200
+        assert http_status(without) == 403
+        assert job.token and len(job.token) >= 32 and job.host and job.port
+        assert job.token not in cluster.ssh("ps -eo args").stdout
+        assert job.token not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        leftovers = cluster.ssh(f"grep -rl {job.token} {job.working_directory} || true").stdout
+        assert leftovers == ""
+        records = sl_forgery.jupyter_records_path()
+        assert records.stat().st_mode & 0o777 == 0o600
+    finally:
+        server.stop_jupyter(job.job_id)
+    assert server.wait(job.job_id, timeout=60)[job.job_id].status is sl_forgery.JobStatus.CANCELLED
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(status_urls(job.url)[0], timeout=5)
+
+
+def test_two_servers_at_once_get_two_working_urls(server, cluster):
+    first = server.launch_jupyter_server("one", "jupyter", cluster.home, ram_gb=1, time_limit=10)
+    second = server.launch_jupyter_server("two", "jupyter", cluster.home, ram_gb=1, time_limit=10)
+    try:
+        assert first.local_port != second.local_port and first.token != second.token
+        assert http_status(status_urls(first.url)[0]) == 200
+        assert http_status(status_urls(second.url)[0]) == 200
+    finally:
+        server.stop_jupyter(first.job_id)
+        server.stop_jupyter(second.job_id)
+
+
+def test_ctrl_c_cancels_the_job_and_closes_the_tunnel(profile_name, cluster):
+    process = subprocess.Popen(
+        [console_script("sl-forgery"), "jupyter", "--env", "jupyter", "--mem", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = process.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:") and "/lab?token=" in url
+    assert http_status(status_urls(url)[0]) == 200
+    job_id = json.loads(cli("jupyter", "list", "--json").stdout)["servers"][0]["job_id"]
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"stopped Jupyter job {job_id}" in stderr
+    assert json.loads(cli("wait", "--json", job_id).stdout)["jobs"][0]["state"] == "CANCELLED"
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(status_urls(url)[0], timeout=5)
+
+
+def test_detach_list_connect_and_stop_with_the_original_command(profile_name, cluster):
+    started = subprocess.run(
+        [console_script("sl-start-jupyter"), "-e", "jupyter", "-c", "1", "-m", "1", "-t", "10", "-p", "0", "--detach"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode == 0, started.stderr
+    url = started.stdout.strip()
+    document = json.loads(cli("jupyter", "list", "--json").stdout)
+    jsonschema.validate(document, sl_forgery.JSON_SCHEMAS["jupyter"])
+    listed = document["servers"]
+    assert [entry["url"] for entry in listed] == [url] and listed[0]["state"] == "RUNNING"
+    job_id = listed[0]["job_id"]
+    sl_forgery.Server.from_profile(profile_name).connection.disconnect()  # the tunnel goes with the connection
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(status_urls(url)[0], timeout=5)
+    reconnected = cli("jupyter", "connect", job_id)
+    assert reconnected.returncode == 0, reconnected.stderr
+    assert http_status(status_urls(reconnected.stdout.strip())[0]) == 200
+    stopped = cli("jupyter", "stop", job_id)
+    assert stopped.returncode == 0
+    assert json.loads(cli("wait", "--json", "--timeout", "30", job_id).stdout)["jobs"][0]["state"] == "CANCELLED"
+    assert json.loads(cli("jupyter", "list", "--json").stdout)["servers"] == []
+
+
+def test_an_environment_without_jupyterlab_gives_a_clear_error_and_no_running_job(profile_name, cluster):
+    before = running_jobs(cluster)
+    result = cli("jupyter", "--env", "analysis", "--mem", "1")
+    assert result.returncode == 1
+    assert "ended FAILED before its server answered" in result.stderr
+    assert "jupyter: command not found" in result.stderr
+    assert running_jobs(cluster) <= before
+
+
+def test_a_job_that_cannot_start_in_time_is_cancelled(profile_name, cluster):
+    before = running_jobs(cluster)
+    result = cli("jupyter", "--env", "jupyter", "--mem", "1", "--partition", "long", "--wait-timeout", "0.5")
+    assert result.returncode == 124 and "did not start within 0.5 s" in result.stderr
+    time.sleep(1)
+    assert running_jobs(cluster) <= before
