@@ -1341,6 +1341,9 @@ def import_legacy_credentials(path: Path, name: str | None, config: Config) -> P
     config.save()
     if data.get("password"):
         backup = path.with_name(path.name + ".bak")
+        counter = 1
+        while backup.exists():  # never overwrite an earlier backup
+            backup, counter = path.with_name(f"{path.name}.bak{counter}"), counter + 1
         original = path.read_bytes()
         descriptor = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path.stat().st_mode & 0o777)
         with os.fdopen(descriptor, "wb") as handle:
@@ -1361,7 +1364,8 @@ ASKPASS_FILE_VARIABLE = "SL_FORGERY_ASKPASS_CREDENTIALS"
 def askpass_main(argv: Sequence[str] | None = None) -> int:
     """The SSH_ASKPASS helper: answers a password prompt from the keyring (or a legacy credentials file), asks a
     person on the terminal for anything else they alone can answer (2FA), and refuses host-key confirmations."""
-    prompt = (argv if argv is not None else sys.argv[1:] or [""])[0] if (argv or sys.argv[1:]) else ""
+    words = list(sys.argv[1:] if argv is None else argv)
+    prompt = words[0] if words else ""
     if "authenticity of host" in prompt or "(yes/no" in prompt or "fingerprint" in prompt.lower():
         print(f"{APP_NAME}: refusing to confirm an unknown host key; accept it with plain ssh first", file=sys.stderr)
         return 1
@@ -1377,17 +1381,14 @@ def askpass_main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(str(secret) + "\n")
             return 0
         return 1
-    try:
-        with open("/dev/tty", "r+") as tty:
-            import getpass
+    # Anything else (a 2FA code) only a person can answer: ask on the terminal, when there is one.
+    import getpass
 
-            return _answer_on_tty(tty, prompt, getpass)
+    try:
+        with open("/dev/tty", "w") as tty:
+            answer = getpass.getpass(prompt, stream=tty)
     except OSError:
         return 1
-
-
-def _answer_on_tty(tty: Any, prompt: str, getpass: Any) -> int:
-    answer = getpass.getpass(prompt, stream=tty)
     sys.stdout.write(answer + "\n")
     return 0
 
@@ -2563,9 +2564,7 @@ def cmd_cancel(args: Any) -> int:
     server = _open_server(args)
     ids = _job_ids(args.job_ids)
     server.cancel(ids)
-    if not args.quiet:
-        print(f"cancelled {' '.join(ids)}", file=sys.stderr)
-    return EXIT_OK
+    return _say(args, f"cancelled {' '.join(ids)}")
 
 
 def cmd_logs(args: Any) -> int:
@@ -2646,20 +2645,19 @@ def cmd_history(args: Any) -> int:
 def cmd_connect(args: Any) -> int:
     server = _open_server(args)
     started = server.connection.connect()
-    if not args.quiet:
-        print(
-            f"{'connected to' if started else 'already connected to'} {server.connection.describe()}", file=sys.stderr
-        )
-    return EXIT_OK
+    return _say(args, f"{'connected to' if started else 'already connected to'} {server.connection.describe()}")
 
 
 def cmd_disconnect(args: Any) -> int:
     server = _open_server(args)
     stopped = server.connection.disconnect()
+    return _say(args, f"{'disconnected from' if stopped else 'no connection to'} {server.connection.describe()}")
+
+
+def _say(args: Any, message: str) -> int:
+    """Report a done action on stderr, unless --quiet."""
     if not args.quiet:
-        print(
-            f"{'disconnected from' if stopped else 'no connection to'} {server.connection.describe()}", file=sys.stderr
-        )
+        print(message, file=sys.stderr)
     return EXIT_OK
 
 
@@ -2783,9 +2781,7 @@ def cmd_server_add(args: Any) -> int:
     if args.default or not config.default:
         config.default = profile.name
     config.save()
-    if not args.quiet:
-        print(f"added server {profile.name!r} to {config.path}", file=sys.stderr)
-    return EXIT_OK
+    return _say(args, f"added server {profile.name!r} to {config.path}")
 
 
 def cmd_server_list(args: Any) -> int:
@@ -2833,9 +2829,7 @@ def cmd_server_remove(args: Any) -> int:
     if config.default == profile.name:
         config.default = None
     config.save()
-    if not args.quiet:
-        print(f"removed server {profile.name!r}", file=sys.stderr)
-    return EXIT_OK
+    return _say(args, f"removed server {profile.name!r}")
 
 
 def cmd_server_default(args: Any) -> int:
@@ -2849,9 +2843,7 @@ def cmd_server_import(args: Any) -> int:
     config = load_config()
     name = args.name or None
     profile = import_legacy_credentials(Path(args.file), name, config)
-    if not args.quiet:
-        print(f"imported {args.file} as server {profile.name!r}; its password is in the OS keyring", file=sys.stderr)
-    return EXIT_OK
+    return _say(args, f"imported {args.file} as server {profile.name!r}; its password is in the OS keyring")
 
 
 def accept_host_key(connection: SSHConnection) -> str:
@@ -2943,9 +2935,7 @@ def cmd_server_setup_key(args: Any) -> int:
         delete_password(profile.keyring_account)
         profile.password_in_keyring = False
     config.save()
-    if not args.quiet:
-        print(f"{profile.name}: key login works with {key}; the password is no longer needed or kept", file=sys.stderr)
-    return EXIT_OK
+    return _say(args, f"{profile.name}: key login works with {key}; the password is no longer needed or kept")
 
 
 def _jupyter_job_for_dry_run(args: Any) -> JupyterJob:
@@ -2999,12 +2989,7 @@ def cmd_jupyter(args: Any) -> int:
 
         webbrowser.open(job.url or "")
     if args.detach:
-        if not args.quiet:
-            print(
-                f"Jupyter job {job.job_id} keeps running; 'sl-forgery jupyter stop {job.job_id}' ends it",
-                file=sys.stderr,
-            )
-        return EXIT_OK
+        return _say(args, f"Jupyter job {job.job_id} keeps running; 'sl-forgery jupyter stop {job.job_id}' ends it")
     if not args.quiet:
         print(f"Jupyter job {job.job_id} runs on {job.host}; Ctrl-C stops it", file=sys.stderr, flush=True)
     try:
@@ -3053,9 +3038,7 @@ def cmd_jupyter_connect(args: Any) -> int:
 
 def cmd_jupyter_stop(args: Any) -> int:
     _open_server(args).stop_jupyter(args.job_id)
-    if not args.quiet:
-        print(f"stopped Jupyter job {normalize_job_id(args.job_id)}", file=sys.stderr)
-    return EXIT_OK
+    return _say(args, f"stopped Jupyter job {normalize_job_id(args.job_id)}")
 
 
 def cmd_completion(args: Any) -> int:

@@ -156,6 +156,19 @@ def profile_name(cluster, home) -> str:
 
 
 @pytest.fixture
+def password_only_ssh(cluster, tmp_path, monkeypatch) -> Path:
+    """An ssh config, used for every profile through SL_FORGERY_SSH_CONFIG, that reaches the cluster by its
+    address with password authentication only, as a legacy credentials file implies."""
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(
+        f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
+        f"  UserKnownHostsFile {cluster.known_hosts}\n"
+    )
+    monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
+    return ssh_config
+
+
+@pytest.fixture
 def server(profile_name):
     import sl_forgery
 

@@ -263,13 +263,7 @@ def test_a_world_readable_config_or_a_missing_profile_is_refused(home, profile_n
     assert result.returncode == 2 and f"chmod 600 {path}" in result.stderr
 
 
-def test_legacy_credentials_from_the_original_command_work(secret_service, cluster, home, tmp_path, monkeypatch):
-    ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(
-        f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
-        f"  UserKnownHostsFile {cluster.known_hosts}\n"
-    )
-    monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
+def test_legacy_credentials_from_the_original_command_work(secret_service, cluster, home, tmp_path, password_only_ssh):
     created = subprocess.run(
         [
             console_script("sl-create-server-credentials"),
@@ -317,13 +311,7 @@ def test_legacy_credentials_from_the_original_command_work(secret_service, clust
     close_master(server.profile)
 
 
-def test_import_moves_a_plaintext_password_into_the_keyring(secret_service, cluster, home, tmp_path, monkeypatch):
-    ssh_config = tmp_path / "ssh_config"
-    ssh_config.write_text(
-        f"Host {cluster.host}\n  Port {cluster.port}\n  PubkeyAuthentication no\n"
-        f"  UserKnownHostsFile {cluster.known_hosts}\n"
-    )
-    monkeypatch.setenv("SL_FORGERY_SSH_CONFIG", str(ssh_config))
+def test_import_moves_a_plaintext_password_into_the_keyring(secret_service, cluster, home, tmp_path, password_only_ssh):
     credentials = tmp_path / "server_credentials.yaml"
     original = (
         f"username: {cluster.user}\npassword: {cluster.password}\nhost: {cluster.host}\n"
