@@ -17,9 +17,12 @@ __all__ = [
     "SSHError",
     "SlurmError",
     "WaitTimeout",
+    "JupyterError",
     "Job",
+    "JupyterJob",
     "JobStatus",
     "JobInfo",
+    "JobRecord",
     "Profile",
     "Config",
     "SSHConnection",
@@ -82,7 +85,7 @@ environment:
   SL_FORGERY_SERVER   server profile to use when --server is not given
   SL_FORGERY_SSH_CONFIG  ssh config file for servers whose profile names none (default ~/.ssh/config)
   XDG_STATE_HOME      where the local job history lives (sl-forgery/jobs.jsonl)
-  NO_COLOR            no colour in tables
+  XDG_CACHE_HOME      where help and completion text are cached
 """
 
 
@@ -837,12 +840,14 @@ def submit_command(script_path: str, directories: Iterable[str], sbatch_args: Se
     a failure of ssh.
     """
     quoted_script = shlex.quote(script_path)
-    # The test builtin spares a mkdir when the directories exist: every program started there costs an exec.
+    # Shell builtins (test, read, printf) instead of mkdir and cat where they do the job: every program started
+    # on the login node costs a fork and an exec, which is most of what a submission costs beyond sbatch.
     missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in sorted(set(directories)))
     mkdirs = shlex.join(["mkdir", "-p", *sorted(set(directories))])
     sbatch = shlex.join(["sbatch", "--parsable", *sbatch_args, script_path])
     return (
-        f"if {missing}; then {mkdirs}; fi && cat > {quoted_script} && "
+        f"if {missing}; then {mkdirs}; fi && "
+        f'{{ while IFS= read -r line || [ -n "$line" ]; do printf \'%s\\n\' "$line"; done > {quoted_script}; }} && '
         f'{{ {sbatch}; rc=$?; if [ $rc != 0 ]; then rm -f {quoted_script}; fi; echo "@@ $rc"; }}'
     )
 
@@ -1998,7 +2003,12 @@ class Server:
         ids = _job_ids(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         last: dict[str, JobInfo] = {}
-        record_paths = {job_id: path for job_id, path in self._record_paths(ids).items() if "_" not in job_id}
+
+        def unfinished() -> list[str]:
+            return [job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished]
+
+        # An array's tasks write ID_N.exit, never ID.exit: arrays end when the scheduler says so.
+        record_paths = self._record_paths(ids)
         watcher = self.connection.popen(watcher_command(record_paths)) if record_paths else None
         buffer = ""
         interval = poll_first
@@ -2006,16 +2016,12 @@ class Server:
         confirm_delay = 0.0
         try:
             while True:
-                now = time.monotonic()
-                if now >= next_query:
-                    infos = self.job_info(
-                        [job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished]
-                    )
-                    for job_id, info in infos.items():
+                if time.monotonic() >= next_query:
+                    for job_id, info in self.job_info(unfinished()).items():
                         if on_change and (job_id not in last or last[job_id].status != info.status):
                             on_change(info)
                         last[job_id] = info
-                    if all(last[job_id].status.is_finished for job_id in ids):
+                    if not unfinished():
                         return {job_id: last[job_id] for job_id in ids}
                     if confirm_delay:
                         # An exit record said a job ended; the scheduler lags it by seconds.
@@ -2025,30 +2031,24 @@ class Server:
                         next_query = time.monotonic() + interval
                         interval = min(interval * 1.5, poll_max)
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeout(
-                        f"{len([i for i in ids if not last.get(i) or not last[i].status.is_finished])} "
-                        f"job(s) still running after {timeout:g} s: "
-                        + ", ".join(
-                            f"{i} {last[i].status}" for i in ids if i in last and not last[i].status.is_finished
-                        )
-                    )
+                    states = ", ".join(f"{job_id} {last[job_id].status}" for job_id in unfinished() if job_id in last)
+                    raise WaitTimeout(f"{len(unfinished())} job(s) still running after {timeout:g} s: {states}")
                 pause = next_query - time.monotonic()
                 if deadline is not None:
                     pause = min(pause, deadline - time.monotonic())
                 pause = max(pause, 0.0)
-                if watcher is None or watcher.stdout is None or watcher.poll() is not None and not buffer:
+                if watcher is None:
                     time.sleep(pause)
                     continue
                 ready, _, _ = select.select([watcher.stdout], [], [], pause)
                 if not ready:
                     continue
                 chunk = os.read(watcher.stdout.fileno(), 4096).decode(errors="replace")
-                if not chunk:
+                if not chunk:  # every record seen, or the watcher died: the scheduler alone remains
                     watcher.wait()
                     watcher = None
                     continue
-                buffer += chunk
-                *lines, buffer = buffer.split("\n")
+                *lines, buffer = (buffer + chunk).split("\n")
                 if parse_exit_records("\n".join(lines)):
                     next_query = time.monotonic()
                     confirm_delay = 0.5

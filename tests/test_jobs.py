@@ -1,6 +1,7 @@
 """Headless jobs against the real cluster: submission, states, waiting, the CLI and its exit codes."""
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -87,7 +88,10 @@ def test_hostile_names_and_paths_survive_the_round_trip(server, cluster, remote_
         environment={"ODD": odd},
     )
     job.add_command('printf "%s|%s|%s\\n" "$SLURM_JOB_NAME" "$PWD" "$ODD"')
+    job.add_command("\t: 'a tab, a backslash \\ and  two spaces'  ")
     server.submit_job(job)
+    uploaded = server.connection.run(f"cat {shlex.quote(directory)}/.sl-forgery/*.sh").stdout
+    assert uploaded == job.script
     final = server.wait(job.job_id, timeout=60)[job.job_id]
     assert final.status is JobStatus.COMPLETED, server.read_file(f"{directory}/err.txt")
     assert server.read_file(f"{directory}/out {odd}.txt") == f"{odd}|{directory}|{odd}\n"
