@@ -509,14 +509,19 @@ def inject_exit_record(script: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def script_job_name(script: str) -> str | None:
-    """The ``--job-name`` (or ``-J``) a script sets for itself, if any."""
+def script_directive(script: str, long_name: str, short_flag: str) -> str | None:
+    """The value a script's own ``#SBATCH`` block gives an option (``--output=F``, ``--output F`` or ``-o F``).
+
+    >>> script_directive("#!/bin/bash\\n#SBATCH -J fit\\n#SBATCH --output=/l/%j.out\\necho\\n", "output", "o")
+    '/l/%j.out'
+    """
+    pattern = rf"^#SBATCH\s+(?:--{long_name}[= ]\s*|-{short_flag}\s*)(\S+)"
     for line in script.splitlines()[1:]:
         if not line.startswith("#"):
             break
-        match = re.match(r"^#SBATCH\s+(?:--job-name[= ]|-J\s*)(\S+)", line)
+        match = re.match(pattern, line)
         if match:
-            return match.group(1)
+            return match.group(1).strip("\"'")
     return None
 
 
@@ -1873,20 +1878,23 @@ class Server:
         error_log: str | None = None,
     ) -> str:
         """Submit a user's own script; its ``#SBATCH`` lines hold unless ``sbatch_args`` override them."""
-        name = job_name or script_job_name(script) or "script"
+        name = job_name or script_directive(script, "job-name", "J") or "script"
         args = [f"--chdir={working_directory}", *sbatch_args]
         logs = [path for path in (output_log, error_log) if path]
         if output_log:
             args.append(f"--output={output_log}")
         if error_log:
             args.append(f"--error={error_log}")
+        # Where the logs end up, as SLURM decides: options, else the script's own lines, else slurm-%j.out.
+        output = output_log or script_directive(script, "output", "o") or "slurm-%j.out"
+        error = error_log or script_directive(script, "error", "e") or output
         job_id = self._submit(inject_exit_record(script), name, working_directory, logs, args)
         self._remember(
             job_id,
             name,
             working_directory,
-            output_log or str(PurePosixPath(working_directory, "slurm-%j.out")),
-            error_log or output_log or str(PurePosixPath(working_directory, "slurm-%j.out")),
+            str(PurePosixPath(working_directory, output)),
+            str(PurePosixPath(working_directory, error)),
         )
         return job_id
 
@@ -2472,8 +2480,9 @@ def cmd_submit(args: Any) -> int:
     if not path.is_file():
         raise UsageError(f"script {path} does not exist or is not a file")
     script = path.read_text(encoding="utf-8")
-    name = args.name or script_job_name(script) or path.stem
-    sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name else [])
+    own_name = script_directive(script, "job-name", "J")
+    name = args.name or own_name or path.stem
+    sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
     if args.dry_run:
         workdir = args.workdir or f"~/{JOBS_ROOT_NAME}/{name}-<timestamp>"
         print(inject_exit_record(script), end="")

@@ -1,5 +1,6 @@
 """Headless jobs against the real cluster: submission, states, waiting, the CLI and its exit codes."""
 
+import json
 import os
 import shlex
 import signal
@@ -293,6 +294,17 @@ def test_cli_submit_prints_only_the_id_and_wait_exits_zero(profile_name, tmp_pat
     assert "COMPLETED" in waited.stderr
     logs = cli("logs", job_id)
     assert logs.stdout == "from script\n"
+    assert json.loads(cli("status", "--json", job_id).stdout)["jobs"][0]["name"] in ("from-file", "allocation")
+
+
+def test_cli_submit_respects_the_scripts_own_log_lines_and_names_a_nameless_job(profile_name, tmp_path):
+    script = tmp_path / "analysis-step.sh"
+    script.write_text("#!/bin/bash\n#SBATCH -o custom-%j.log\n#SBATCH --error errors-%j.log\necho out; echo err >&2\n")
+    job_id = cli("submit", str(script), "--mem", "0.25", "--wait").stdout.strip()
+    assert cli("logs", job_id).stdout == "out\n"
+    assert cli("logs", "--err", job_id).stdout == "err\n"
+    history = json.loads(cli("history", "--json").stdout)["jobs"][-1]
+    assert history["name"] == "analysis-step" and history["output_log"].endswith("/custom-%j.log")
 
 
 def test_cli_logs_follow_prints_the_output_as_it_comes_and_ends_with_the_job(profile_name):

@@ -348,3 +348,49 @@ def sys_python() -> str:
     import sys
 
     return sys.executable
+
+
+def test_proxyjump_from_an_ssh_config_works_and_calls_still_share_one_connection(cluster, home, tmp_path):
+    ssh_config = tmp_path / "ssh_config"
+    common = (
+        f"  HostName {cluster.host}\n  Port {cluster.port}\n  User {cluster.user}\n  IdentityFile {cluster.key}\n"
+        f"  IdentitiesOnly yes\n  UserKnownHostsFile {cluster.known_hosts}\n"
+    )
+    ssh_config.write_text(f"Host gateway\n{common}\nHost behind-gateway\n{common}  ProxyJump gateway\n")
+    profile = sl_forgery.Profile(name="jumped", host="behind-gateway", ssh_config=str(ssh_config))
+    save_profile(profile)
+    connection = sl_forgery.SSHConnection(profile)
+    connection.disconnect()
+    before = cluster.sshd_connections()
+    assert connection.connect()
+    assert cluster.sshd_connections() - before == 2  # the gateway, then the server through it
+    for _ in range(10):
+        assert connection.run("whoami").stdout == f"{cluster.user}\n"
+    assert cluster.sshd_connections() - before == 2
+    connection.disconnect()
+
+
+def test_a_key_held_by_an_agent_works_without_naming_it(cluster, home, tmp_path):
+    agent = subprocess.run(
+        ["ssh-agent", "-s", "-a", str(tmp_path / "agent.sock")], capture_output=True, text=True, check=True
+    ).stdout
+    pid = int(agent.split("SSH_AGENT_PID=")[1].split(";")[0])
+    env = {**os.environ, "SSH_AUTH_SOCK": str(tmp_path / "agent.sock")}
+    try:
+        subprocess.run(["ssh-add", str(cluster.key)], env=env, check=True, capture_output=True)
+        profile = sl_forgery.Profile(
+            name="agent",
+            host=cluster.host,
+            port=cluster.port,
+            user=cluster.user,
+            ssh_options=[f"UserKnownHostsFile={cluster.known_hosts}", "PasswordAuthentication=no"],
+        )
+        save_profile(profile)
+        close_master(profile)
+        without_agent = cli("-s", "agent", "queue", env={k: v for k, v in env.items() if k != "SSH_AUTH_SOCK"})
+        assert without_agent.returncode == 255 and "authentication refused" in without_agent.stderr
+        result = cli("-s", "agent", "queue", env=env)
+        assert result.returncode == 0, result.stderr
+        close_master(profile)
+    finally:
+        os.kill(pid, signal.SIGTERM)
