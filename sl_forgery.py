@@ -1777,7 +1777,6 @@ class Server:
         self.scheduler_queries = 0
         self._final: dict[str, JobInfo] = {}
         self._live: dict[str, JobInfo] = {}
-        self._submitted_at: dict[str, float] = {}
 
     @classmethod
     def from_profile(cls, name: str | None = None, *, config: Config | None = None, verbose: bool = False) -> Server:
@@ -1922,7 +1921,6 @@ class Server:
             raise SlurmError(argv, 0, result.stdout, f"{result.stderr}\n{problem}", what="sbatch") from None
 
     def _remember(self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str) -> None:
-        self._submitted_at[job_id] = time.time()
         record_job(
             JobRecord(
                 job_id,
@@ -1938,8 +1936,8 @@ class Server:
 
     # -- status -----------------------------------------------------------------------------------------------------
 
-    def _record_paths(self, job_ids: Sequence[str]) -> dict[str, str]:
-        records = load_job_records(self.profile.name)
+    def _record_paths(self, job_ids: Sequence[str], records: Mapping[str, JobRecord]) -> dict[str, str]:
+        """Where the jobs submitted from here write their exit records."""
         return {
             job_id: exit_record_path(records[job_id].working_directory, job_id)
             for job_id in job_ids
@@ -1951,7 +1949,8 @@ class Server:
         ids = _job_ids(job_ids)
         wanted = [job_id for job_id in ids if job_id not in self._final]
         if wanted:
-            command = status_query_command(wanted, self._record_paths(wanted))
+            records = load_job_records(self.profile.name)
+            command = status_query_command(wanted, self._record_paths(wanted, records))
             result = self.connection.run(command, what="squeue/sacct")
             self.scheduler_queries += 1
             squeue_out, squeue_rc, sacct_out, sacct_rc, records_out = parse_status_query(result.stdout)
@@ -1959,24 +1958,20 @@ class Server:
                 raise SlurmError(["squeue"], squeue_rc, "", squeue_out, what="squeue")
             squeue_rows = parse_squeue(squeue_out) if squeue_rc == 0 else {}
             sacct_rows = parse_sacct(sacct_out) if sacct_rc == 0 else None
-            now = time.time()
+            fresh_since = time.time() - RECENT_SUBMISSION_GRACE
             recent = frozenset(
-                job_id
-                for job_id in wanted
-                if now - self._submitted_at.get(job_id, self._recorded_time(job_id)) < RECENT_SUBMISSION_GRACE
+                job_id for job_id in wanted if job_id in records and records[job_id].submitted > fresh_since
             )
-            for job_id, info in merge_job_info(
-                wanted, squeue_rows, sacct_rows, parse_exit_records(records_out), recent
-            ).items():
+            exit_records = parse_exit_records(records_out)
+            for job_id, info in merge_job_info(wanted, squeue_rows, sacct_rows, exit_records, recent).items():
+                if job_id in records and info.name in ("", "allocation"):
+                    # Just after a job ends, sacct may name it "allocation"; the name it was given is known here.
+                    info = info._replace(name=records[job_id].name)
                 # squeue alone may show a final state before its exit code is known: keep asking until it is.
                 if info.status.is_finished and (info.source != "squeue" or info.exit_code is not None):
                     self._final[job_id] = info
                 self._live[job_id] = info
         return {job_id: self._final.get(job_id) or self._live[job_id] for job_id in ids}
-
-    def _recorded_time(self, job_id: str) -> float:
-        record = load_job_records(self.profile.name).get(job_id)
-        return record.submitted if record else 0.0
 
     def get_job_status(self, job_id: object) -> JobStatus:
         """The state of one job, as a `JobStatus`."""
@@ -2016,7 +2011,7 @@ class Server:
             return [job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished]
 
         # An array's tasks write ID_N.exit, never ID.exit: arrays end when the scheduler says so.
-        record_paths = self._record_paths(ids)
+        record_paths = self._record_paths(ids, load_job_records(self.profile.name))
         watcher = self.connection.popen(watcher_command(record_paths)) if record_paths else None
         buffer = ""
         interval = poll_first
