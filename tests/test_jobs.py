@@ -15,6 +15,10 @@ from conftest import cli, console_script
 from sl_forgery import Job, JobStatus, Server, SlurmError, UsageError
 
 
+# The conda environments on the test cluster are venvs of the server's own Python.
+SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def make_job(remote_dir: str, name: str = "job", env: str | None = "analysis", **extra) -> Job:
     return Job(
         name,
@@ -38,7 +42,7 @@ def test_a_job_runs_in_its_conda_environment_and_completes(server, remote_dir):
     assert (final.status, final.exit_code) == (JobStatus.COMPLETED, 0)
     assert server.read_file(f"{remote_dir}/out.txt").splitlines() == [
         "hello there from analysis",
-        "verified session /data/s1 with Python 3.11.2",
+        f"verified session /data/s1 with {SERVER_PYTHON}",
     ]
     assert server.get_job_status(int(job.job_id)) is JobStatus.COMPLETED
     assert server.job_complete(job)
@@ -411,4 +415,4 @@ def test_original_readme_flow_with_legacy_credentials_works_word_for_word(cluste
         time.sleep(0.5)
     final_status = server.get_job_status(int(job.job_id))
     assert final_status == OriginalJobStatus.COMPLETED
-    assert server.read_file(f"{temp}/output.txt") == f"verified session {temp}/test_session with Python 3.11.2\n"
+    assert server.read_file(f"{temp}/output.txt") == f"verified session {temp}/test_session with {SERVER_PYTHON}\n"
