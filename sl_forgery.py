@@ -488,7 +488,10 @@ def render_jupyter_commands(job: JupyterJob) -> list[str]:
         'mkdir -p "$JUPYTER_RUNTIME_DIR"',
         "JUPYTER_TOKEN=\"$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"",
         "export JUPYTER_TOKEN",
-        f'{shlex.join(lab)} --ServerApp.ip="$(hostname)"',
+        # The node's own name if it resolves, else its first address: reachable from the login node, never 0.0.0.0.
+        '__slf_ip=$(hostname); getent hosts "$__slf_ip" >/dev/null 2>&1 || '
+        "__slf_ip=$(hostname -I 2>/dev/null | cut -d' ' -f1)",
+        f'{shlex.join(lab)} --ServerApp.ip="${{__slf_ip:-127.0.0.1}}"',
     ]
 
 
@@ -1515,7 +1518,7 @@ class SSHConnection:
     def _mux_args(self) -> list[str]:
         return ["-o", f"ControlPath={self.control_path}"]
 
-    def ssh_argv(self, command: str | None, *, extra: Sequence[str] = ()) -> list[str]:
+    def ssh_argv(self, command: str) -> list[str]:
         """Argv of one call over the master (``command`` is a single remote shell string)."""
         argv = [
             "ssh",
@@ -1523,12 +1526,10 @@ class SSHConnection:
             *self._mux_args(),
             *self._target_args(),
             "-T",
-            *extra,
             "--",
             self.profile.host,
+            command,
         ]
-        if command is not None:
-            argv.append(command)
         return argv
 
     def _master_argv(self) -> list[str]:
@@ -1574,7 +1575,6 @@ class SSHConnection:
             return env
         env["SSH_ASKPASS"] = self._askpass_helper()
         env["SSH_ASKPASS_REQUIRE"] = "force"
-        env.setdefault("DISPLAY", ":0")
         return env
 
     def _askpass_helper(self) -> str:
@@ -1672,7 +1672,7 @@ class SSHConnection:
                     result.stderr,
                     what=f"ssh to {self.describe()} (the connection refused a new session)",
                 )
-        if result.returncode == 255 and self._master_was_missing(result):
+        if self._master_was_missing(result):
             raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}")
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
@@ -1690,7 +1690,8 @@ class SSHConnection:
         return result.returncode == 255 and NO_MASTER_MARKER in result.stderr
 
     def popen(self, command: str) -> subprocess.Popen:
-        """A long-lived remote command over the master (the master must be up), its stdout a pipe."""
+        """A long-lived remote command over the master, its stdout a pipe. Its stderr is dropped: nothing reads it
+        while it runs, and callers treat its output as a hint that something else confirms."""
         import subprocess
 
         self.ensure_connected()
@@ -1700,7 +1701,7 @@ class SSHConnection:
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
             start_new_session=True,
         )

@@ -194,3 +194,26 @@ def test_command_errors_carry_what_ran_the_exit_code_and_stderr():
 def test_log_patterns_expand_like_slurm():
     assert sl_forgery.expand_log_pattern("/l/%x_%j.%%", "7", "fit") == "/l/fit_7.%"
     assert sl_forgery.expand_log_pattern("/l/%A_%a.out", "7_3") == "/l/7_3.out"
+
+
+def test_jupyter_script_keeps_the_token_off_the_command_line_and_binds_no_wildcard():
+    job = sl_forgery.JupyterJob(
+        "lab",
+        "/w/o",
+        "/w/e",
+        "/w",
+        "jupyter",
+        "/data/notebooks",
+        port=0,
+        jupyter_args="--ServerApp.shutdown_no_activity_timeout=600",
+        cpus_to_use=2,
+    )
+    lab_line = next(line for line in job.script.splitlines() if line.startswith("jupyter lab"))
+    assert "token" not in lab_line.lower() and "0.0.0.0" not in job.script
+    assert "--ServerApp.port=0" in lab_line and "--ServerApp.port_retries=0" in lab_line
+    assert "--ServerApp.root_dir=/data/notebooks" in lab_line
+    assert "--ServerApp.shutdown_no_activity_timeout=600" in lab_line
+    assert "disable_check_xsrf" not in job.script and "allow_origin" not in job.script
+    assert "export JUPYTER_TOKEN" in job.script and "umask 077" in job.script
+    with pytest.raises(UsageError, match="port must be at least 0"):
+        sl_forgery.JupyterJob("lab", "/w/o", "/w/e", "/w", "jupyter", "/d", port=-1)
