@@ -3157,6 +3157,12 @@ _COMPLETE_JOB = {"bash": "_sl_forgery_jobs", "zsh": "_sl_forgery_jobs", "fish": 
 _COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "fish": "files"}
 
 
+def _print_usage(parser: Any) -> int:
+    """A command that needs an action was given none: show its help on stderr."""
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
 def _add_resource_options(parser: Any) -> None:
     group = parser.add_argument_group("resources")
     group.add_argument("--cpus", type=int, metavar="N", help="CPUs per task")
@@ -3246,8 +3252,8 @@ def get_parser() -> Any:
     command("check", cmd_check, "check the connection, SLURM, accounting and conda on the server")
     command("doctor", cmd_doctor, "check OpenSSH, the config file, the keyring, then the server; a fix per failure")
 
-    sub = command("server", lambda args: (sub.print_help(), EXIT_USAGE)[1], "manage server profiles")
-    servers = sub.add_subparsers(dest="server_command", metavar="ACTION")
+    server_parser = command("server", lambda args: _print_usage(server_parser), "manage server profiles")
+    servers = server_parser.add_subparsers(dest="server_command", metavar="ACTION")
 
     def server_command(name: str, handler: Callable[[Any], int], help_text: str, *parents: Any) -> Any:
         action = servers.add_parser(name, help=help_text, description=help_text, parents=[common, *parents])
@@ -3388,8 +3394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
     if not getattr(args, "handler", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        return _print_usage(parser)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -172,6 +172,9 @@ def test_doctor_reports_a_stopped_sshd(profile_name, cluster):
 def test_usage_errors_exit_two_with_one_line(home):
     result = cli("wait")
     assert result.returncode == 2 and "required" in result.stderr
+    no_action = cli("server")
+    assert no_action.returncode == 2 and no_action.stderr.startswith("usage: sl-forgery server")
+    assert "setup-key" in no_action.stderr
     assert cli("frobnicate").returncode == 2
     no_config = cli("status")
     assert no_config.returncode == 2 and no_config.stderr.count("\n") == 1
