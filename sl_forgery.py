@@ -2426,6 +2426,13 @@ def _open_server(args: Any) -> Server:
 
 
 def _sbatch_resource_args(args: Any) -> list[str]:
+    """sbatch options from the resource flags, checked here so that a bad value never reaches the cluster."""
+    if args.cpus is not None:
+        _check_int("--cpus", args.cpus)
+    if args.time is not None:
+        _check_int("--time (minutes)", args.time)
+    if args.mem is not None and not args.mem > 0:
+        raise UsageError(f"--mem must be a positive number of gigabytes, not {args.mem:g}")
     options = []
     for flag, value in (
         ("cpus-per-task", args.cpus),
@@ -2510,9 +2517,9 @@ def cmd_run(args: Any) -> int:
         f"{workdir}/error.log",
         workdir,
         conda_environment=args.env or (profile.conda_environment if profile else None),
-        cpus_to_use=args.cpus or 1,
-        ram_gb=args.mem or 4,
-        time_limit=args.time or 60,
+        cpus_to_use=1 if args.cpus is None else args.cpus,
+        ram_gb=4 if args.mem is None else args.mem,
+        time_limit=60 if args.time is None else args.time,
         partition=args.partition or (profile.partition if profile else None),
         account=args.account or (profile.account if profile else None),
         qos=args.qos,

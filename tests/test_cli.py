@@ -172,6 +172,10 @@ def test_doctor_reports_a_stopped_sshd(profile_name, cluster):
 def test_usage_errors_exit_two_with_one_line(home):
     result = cli("wait")
     assert result.returncode == 2 and "required" in result.stderr
+    zero_cpus = cli("run", "--dry-run", "--cpus", "0", "--", "true")
+    assert zero_cpus.returncode == 2 and "cpus_to_use must be at least 1, not 0" in zero_cpus.stderr
+    bad_time = cli("submit", "--dry-run", "--time", "0", __file__)
+    assert bad_time.returncode == 2 and "--time (minutes) must be at least 1, not 0" in bad_time.stderr
     no_action = cli("server")
     assert no_action.returncode == 2 and no_action.stderr.startswith("usage: sl-forgery server")
     assert "setup-key" in no_action.stderr
