@@ -796,6 +796,22 @@ def expand_log_pattern(path: str, job_id: str, job_name: str = "", user: str = "
     return re.sub(r"%(\d*)([jxuAa%])", lambda m: values[m.group(2)].zfill(int(m.group(1) or 0)), path)
 
 
+def expand_array_spec(spec: str) -> list[int]:
+    """The task ids of a SLURM array spec.
+
+    >>> expand_array_spec("1-3,8")
+    [1, 2, 3, 8]
+    >>> expand_array_spec("0-15:4%2")
+    [0, 4, 8, 12]
+    """
+    tasks = []
+    for part in spec.split("%")[0].split(","):
+        bounds, _, step = part.partition(":")
+        first, _, last = bounds.partition("-")
+        tasks += range(int(first), int(last or first) + 1, int(step or 1))
+    return tasks
+
+
 def exit_record_path(working_directory: str, job_id: str) -> str:
     return str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{job_id}.exit"))
 
@@ -1141,12 +1157,22 @@ def load_config(path: Path | None = None) -> Config:
 
 class JobRecord(
     collections.namedtuple(
-        "JobRecord", "job_id server name working_directory output_log error_log submitted user", defaults=("",)
+        "JobRecord",
+        "job_id server name working_directory output_log error_log submitted user array",
+        defaults=("", ""),
     )
 ):
-    """What this machine remembers of a submitted job, so that later commands know it without the terminal."""
+    """What this machine remembers of a submitted job, so that later commands know it without the terminal;
+    ``array`` is the job's array spec, if it is one."""
 
     __slots__ = ()
+
+    @property
+    def task_ids(self) -> list[str]:
+        """The ids whose exit records tell that this job ended: its own, or each of its array tasks'."""
+        if not self.array:
+            return [self.job_id]
+        return [f"{self.job_id}_{task}" for task in expand_array_spec(self.array)]
 
     def log_path(self, error: bool = False) -> str:
         return expand_log_pattern(self.error_log if error else self.output_log, self.job_id, self.name, self.user)
@@ -1864,7 +1890,7 @@ class Server:
                 f"job {job.job_name!r} was already submitted as {job.job_id}; create a new Job to run it again"
             )
         job.job_id = self._submit(job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], [])
-        self._remember(job.job_id, job.job_name, job.working_directory, job.output_log, job.error_log)
+        self._remember(job.job_id, job.job_name, job.working_directory, job.output_log, job.error_log, job.array)
         return job
 
     def submit_script(
@@ -1895,6 +1921,8 @@ class Server:
             working_directory,
             str(PurePosixPath(working_directory, output)),
             str(PurePosixPath(working_directory, error)),
+            next((arg.split("=", 1)[1] for arg in sbatch_args if arg.startswith("--array=")), None)
+            or script_directive(script, "array", "a"),
         )
         return job_id
 
@@ -1921,7 +1949,9 @@ class Server:
         except ValueError as problem:
             raise SlurmError(argv, 0, result.stdout, f"{result.stderr}\n{problem}", what="sbatch") from None
 
-    def _remember(self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str) -> None:
+    def _remember(
+        self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str, array: str | None
+    ) -> None:
         record_job(
             JobRecord(
                 job_id,
@@ -1932,17 +1962,19 @@ class Server:
                 error_log,
                 time.time(),
                 self.profile.user or "",
+                array or "",
             )
         )
 
     # -- status -----------------------------------------------------------------------------------------------------
 
     def _record_paths(self, job_ids: Sequence[str], records: Mapping[str, JobRecord]) -> dict[str, str]:
-        """Where the jobs submitted from here write their exit records."""
+        """Where the jobs submitted from here (each task, for an array) write their exit records."""
         return {
-            job_id: exit_record_path(records[job_id].working_directory, job_id)
+            task_id: exit_record_path(records[job_id].working_directory, task_id)
             for job_id in job_ids
             if job_id in records
+            for task_id in records[job_id].task_ids
         }
 
     def job_info(self, job_ids: object) -> dict[str, JobInfo]:
@@ -2011,8 +2043,11 @@ class Server:
         def unfinished() -> list[str]:
             return [job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished]
 
-        # An array's tasks write ID_N.exit, never ID.exit: arrays end when the scheduler says so.
-        record_paths = self._record_paths(ids, load_job_records(self.profile.name))
+        records = load_job_records(self.profile.name)
+        record_paths = self._record_paths(ids, records)
+        # A job has ended, as far as its records tell, once every one of its tasks has written one.
+        tasks = {job_id: set(records[job_id].task_ids) for job_id in ids if job_id in records}
+        recorded: set[str] = set()
         watcher = self.connection.popen(watcher_command(record_paths)) if record_paths else None
         buffer = ""
         interval = poll_first
@@ -2053,7 +2088,9 @@ class Server:
                     watcher = None
                     continue
                 *lines, buffer = (buffer + chunk).split("\n")
-                if parse_exit_records("\n".join(lines)):
+                arrived = set(parse_exit_records("\n".join(lines)))
+                recorded |= arrived
+                if arrived and any(job_id in tasks and tasks[job_id] <= recorded for job_id in unfinished()):
                     next_query = time.monotonic()
                     confirm_delay = 0.5
         finally:

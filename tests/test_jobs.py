@@ -158,6 +158,25 @@ def test_array_and_dependency_jobs(server, remote_dir):
     assert server.read_file(f"{remote_dir}/after.txt") == "task 1\ntask 2\ntask 3\n"
 
 
+def test_wait_notices_an_arrays_end_from_its_tasks_records(server, remote_dir):
+    array = Job(
+        "tasks",
+        f"{remote_dir}/t-%a.txt",
+        f"{remote_dir}/t-%a.txt",
+        remote_dir,
+        cpus_to_use=1,
+        ram_gb=0.25,
+        time_limit=5,
+        array="1-4",
+    )
+    array.add_command("sleep 4")
+    server.submit_job(array)
+    before, started = server.scheduler_queries, time.monotonic()
+    final = server.wait(array.job_id, timeout=60)[array.job_id]
+    assert final.status is JobStatus.COMPLETED
+    assert time.monotonic() - started < 9.5 and server.scheduler_queries - before <= 4
+
+
 def test_statuses_of_fifty_jobs_come_in_one_round_trip(server, cluster, remote_dir):
     ids = cluster.ssh(
         f"mkdir -p {remote_dir} && for i in $(seq 50); do sbatch --parsable -o /dev/null --wrap 'exit 0'; done"
