@@ -19,10 +19,10 @@ from sl_forgery import Job, JobStatus, Server, SlurmError, UsageError
 SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
 
 
-def make_job(remote_dir: str, name: str = "job", env: str | None = "analysis", **extra) -> Job:
+def make_job(remote_dir: str, name: str = "job", env: str | None = "analysis", output: str = "out.txt", **extra) -> Job:
     return Job(
         name,
-        f"{remote_dir}/out.txt",
+        f"{remote_dir}/{output}",
         f"{remote_dir}/err.txt",
         remote_dir,
         conda_environment=env,
@@ -128,28 +128,10 @@ def test_cancelled_job_reads_cancelled(server, remote_dir):
 
 
 def test_array_and_dependency_jobs(server, remote_dir):
-    array = Job(
-        "array",
-        f"{remote_dir}/task-%a.txt",
-        f"{remote_dir}/err-%a.txt",
-        remote_dir,
-        cpus_to_use=1,
-        ram_gb=0.25,
-        time_limit=5,
-        array="1-3",
-    )
+    array = make_job(remote_dir, "array", env=None, output="task-%a.txt", array="1-3")
     array.add_command('echo "task $SLURM_ARRAY_TASK_ID"')
     server.submit_job(array)
-    follower = Job(
-        "after",
-        f"{remote_dir}/after.txt",
-        f"{remote_dir}/after-err.txt",
-        remote_dir,
-        cpus_to_use=1,
-        ram_gb=0.25,
-        time_limit=5,
-        dependency=[array.job_id],
-    )
+    follower = make_job(remote_dir, "after", env=None, output="after.txt", dependency=[array.job_id])
     follower.add_command(f"cat {remote_dir}/task-*.txt")
     server.submit_job(follower)
     finals = server.wait([array.job_id, follower.job_id], timeout=90)
@@ -159,16 +141,7 @@ def test_array_and_dependency_jobs(server, remote_dir):
 
 
 def test_wait_notices_an_arrays_end_from_its_tasks_records(server, remote_dir):
-    array = Job(
-        "tasks",
-        f"{remote_dir}/t-%a.txt",
-        f"{remote_dir}/t-%a.txt",
-        remote_dir,
-        cpus_to_use=1,
-        ram_gb=0.25,
-        time_limit=5,
-        array="1-4",
-    )
+    array = make_job(remote_dir, "tasks", env=None, output="t-%a.txt", array="1-4")
     array.add_command("sleep 4")
     server.submit_job(array)
     before, started = server.scheduler_queries, time.monotonic()
