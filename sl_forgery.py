@@ -1321,11 +1321,8 @@ def read_legacy_credentials(path: Path) -> dict[str, Any]:
     return data
 
 
-def profile_from_legacy(path: Path, name: str | None = None) -> Profile:
-    """A profile for an original ``server_credentials.yaml``; a plaintext password in it still works, with a
-    warning, and reaches ssh through the askpass helper, which reads it from that same file."""
-    data = read_legacy_credentials(path)
-    profile = Profile(
+def _legacy_profile(data: Mapping[str, Any], name: str | None) -> Profile:
+    return Profile(
         name=name or str(data["host"]),
         host=str(data["host"]),
         user=str(data["username"]),
@@ -1333,7 +1330,15 @@ def profile_from_legacy(path: Path, name: str | None = None) -> Profile:
         storage_root=data.get("storage_root"),
         working_root=data.get("working_root"),
         shared_directory_name=data.get("shared_directory_name"),
+        password_in_keyring=not data.get("password"),
     )
+
+
+def profile_from_legacy(path: Path, name: str | None = None) -> Profile:
+    """A profile for an original ``server_credentials.yaml``; a plaintext password in it still works, with a
+    warning, and reaches ssh through the askpass helper, which reads it from that same file."""
+    data = read_legacy_credentials(path)
+    profile = _legacy_profile(data, name)
     if data.get("password"):
         profile.legacy_credentials = str(Path(path).resolve())
         if profile.legacy_credentials not in _warned_plaintext:
@@ -1343,8 +1348,6 @@ def profile_from_legacy(path: Path, name: str | None = None) -> Profile:
                 f"'sl-forgery server import {path}'",
                 file=sys.stderr,
             )
-    else:
-        profile.password_in_keyring = True
     return profile
 
 
@@ -1370,8 +1373,7 @@ def import_legacy_credentials(path: Path, name: str | None, config: Config) -> P
     """Move a legacy file's password into the keyring, add a profile, and rewrite the file without the password
     (after a backup that keeps the original's mode)."""
     data = read_legacy_credentials(path)
-    profile = profile_from_legacy(path, name)
-    profile.legacy_credentials = None
+    profile = _legacy_profile(data, name)
     if data.get("password"):
         store_password(profile.keyring_account, str(data["password"]))
     profile.password_in_keyring = True

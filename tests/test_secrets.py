@@ -334,6 +334,7 @@ def test_import_moves_a_plaintext_password_into_the_keyring(secret_service, clus
     assert "holds a plaintext password" in legacy.stderr and "sl-forgery server import" in legacy.stderr
     result = cli("server", "import", str(credentials), "--name", "imported")
     assert result.returncode == 0, result.stderr
+    assert "holds a plaintext password" not in result.stderr
     assert cluster.password not in credentials.read_text() and f"username: {cluster.user}" in credentials.read_text()
     backup = tmp_path / "server_credentials.yaml.bak"
     assert backup.read_text() == original and backup.stat().st_mode & 0o777 == 0o640
