@@ -635,11 +635,13 @@ _SEVERITY = [
 
 class JobInfo(
     collections.namedtuple(
-        "JobInfo", "job_id status exit_code signal reason name node source", defaults=(None, None, "", "", "", "")
+        "JobInfo",
+        "job_id status exit_code signal reason name node source time_left",
+        defaults=(None, None, "", "", "", "", ""),
     )
 ):
     """What the scheduler (or the job's own exit record) says about one job; ``source`` tells which of squeue,
-    sacct, record (the job's exit record) or none gave the answer."""
+    sacct, record (the job's exit record) or none gave the answer; ``time_left`` is squeue's, while it runs."""
 
     __slots__ = ()
 
@@ -653,6 +655,7 @@ class JobInfo(
             "reason": self.reason,
             "name": self.name,
             "node": self.node,
+            "time_left": self.time_left,
         }
 
 
@@ -668,7 +671,7 @@ def parse_exit_code(text: str) -> tuple[int | None, int | None]:
     return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 
 
-SQUEUE_FORMAT = "%i|%T|%r|%j|%N"
+SQUEUE_FORMAT = "%i|%T|%r|%j|%N|%L"
 SACCT_FIELDS = "JobID,State,ExitCode,Reason,JobName,NodeList"
 
 
@@ -685,11 +688,14 @@ def _split_rows(stdout: str, fields: int) -> Iterable[list[str]]:
 
 
 def parse_squeue(stdout: str) -> dict[str, JobInfo]:
-    """Rows of ``squeue -h -o '%i|%T|%r|%j|%N'``, keyed by job id (``123`` or ``123_4``)."""
+    """Rows of ``squeue -h -o '%i|%T|%r|%j|%N|%L'``, keyed by job id (``123`` or ``123_4``)."""
     result = {}
-    for job_id, state, reason, name, node in _split_rows(stdout, 5):
+    for job_id, state, reason, name, node, left in _split_rows(stdout, 6):
         reason = "" if reason == "None" else reason
-        result[job_id] = JobInfo(job_id, JobStatus.parse(state), reason=reason, name=name, node=node, source="squeue")
+        left = "" if left in ("INVALID", "NOT_SET", "UNLIMITED") else left
+        result[job_id] = JobInfo(
+            job_id, JobStatus.parse(state), reason=reason, name=name, node=node, source="squeue", time_left=left
+        )
     return result
 
 
@@ -2256,8 +2262,8 @@ class Server:
         records.pop(job.job_id, None)
         save_jupyter_records(records)
 
-    def list_jupyter(self) -> list[tuple[JupyterJob, JobInfo, str]]:
-        """Jupyter jobs of this server started from here and still alive: (job, state, time left)."""
+    def list_jupyter(self) -> list[tuple[JupyterJob, JobInfo]]:
+        """Jupyter jobs of this server started from here and still alive, with what the scheduler says of them."""
         jobs = [
             self.jupyter_job(job_id)
             for job_id, details in load_jupyter_records().items()
@@ -2266,16 +2272,7 @@ class Server:
         if not jobs:
             return []
         infos = self.job_info([job.job_id for job in jobs])
-        ids = ",".join(job.job_id for job in jobs if job.job_id)
-        left = dict(
-            line.split("|", 1)
-            for line in self.connection.run(f"squeue -h -j {ids} -o '%i|%L' 2>/dev/null; true").stdout.split()
-        )
-        return [
-            (job, infos[job.job_id], left.get(job.job_id, ""))
-            for job in jobs
-            if not infos[job.job_id].status.is_finished
-        ]
+        return [(job, infos[job.job_id]) for job in jobs if not infos[job.job_id].status.is_finished]
 
     def _remember_jupyter(self, job: JupyterJob) -> None:
         records = load_jupyter_records()
@@ -2342,7 +2339,7 @@ class Server:
 _NULLABLE_INT = {"type": ["integer", "null"]}
 _JOB_STATE_SCHEMA = {
     "type": "object",
-    "required": ["job_id", "state", "finished", "exit_code", "signal", "reason", "name", "node"],
+    "required": ["job_id", "state", "finished", "exit_code", "signal", "reason", "name", "node", "time_left"],
     "additionalProperties": False,
     "properties": {
         "job_id": {"type": "string", "pattern": "^[0-9]+(_[0-9]+)?$"},
@@ -2353,6 +2350,7 @@ _JOB_STATE_SCHEMA = {
         "reason": {"type": "string"},
         "name": {"type": "string"},
         "node": {"type": "string"},
+        "time_left": {"type": "string"},
     },
 }
 # The documents printed by --json: a stable contract; new fields may be added, none removed or renamed.
@@ -2661,8 +2659,8 @@ def cmd_queue(args: Any) -> int:
     elif jobs:
         print(
             format_table(
-                ["JOBID", "STATE", "NAME", "NODE", "REASON"],
-                [[i.job_id, i.status, i.name, i.node, i.reason] for i in jobs],
+                ["JOBID", "STATE", "NAME", "NODE", "TIME LEFT", "REASON"],
+                [[i.job_id, i.status, i.name, i.node, i.time_left, i.reason] for i in jobs],
             )
         )
     return EXIT_OK
@@ -3064,10 +3062,10 @@ def cmd_jupyter_list(args: Any) -> int:
                         "job_id": job.job_id,
                         "state": info.status.value,
                         "node": info.node or job.host,
-                        "time_left": left,
+                        "time_left": info.time_left,
                         "url": job.url,
                     }
-                    for job, info, left in running
+                    for job, info in running
                 ]
             }
         )
@@ -3075,7 +3073,7 @@ def cmd_jupyter_list(args: Any) -> int:
         print(
             format_table(
                 ["JOBID", "STATE", "NODE", "TIME LEFT", "URL"],
-                [[job.job_id, info.status, info.node or job.host, left, job.url] for job, info, left in running],
+                [[job.job_id, info.status, info.node or job.host, info.time_left, job.url] for job, info in running],
             )
         )
     return EXIT_OK

@@ -136,8 +136,9 @@ def test_sbatch_id_is_parsed_strictly():
 
 
 def test_squeue_and_sacct_rows_parse_with_separators_in_names():
-    squeue = sl_forgery.parse_squeue("5|RUNNING|None|a|b|node1\n6|PENDING|Resources|x|\n")
+    squeue = sl_forgery.parse_squeue("5|RUNNING|None|a|b|node1|3:59:50\n6|PENDING|Resources|x||INVALID\n")
     assert squeue["5"].name == "a|b" and squeue["5"].node == "node1" and squeue["6"].reason == "Resources"
+    assert squeue["5"].time_left == "3:59:50" and squeue["6"].time_left == ""
     sacct = sl_forgery.parse_sacct("7|FAILED|3:0|None|n|m|node1\n8|CANCELLED by 0|0:15|None|x|\n")
     assert (sacct["7"].status, sacct["7"].exit_code, sacct["7"].name) == (JobStatus.FAILED, 3, "n|m")
     assert sacct["8"].status is JobStatus.CANCELLED and sacct["8"].signal == 15
