@@ -2196,7 +2196,7 @@ class Server:
                 last = info
                 next_status = time.monotonic() + (2.0 if info.status is JobStatus.RUNNING else 5.0)
                 if info.status.is_finished:
-                    tail = self.read_file(job.error_log, tail_lines=15) if self.exists(job.error_log) else ""
+                    tail = self.log_tail(job.error_log)
                     raise JupyterError(
                         f"Jupyter job {job.job_id} ended {info.status} before its server answered"
                         f"{': ' + tail.strip().splitlines()[-1] if tail.strip() else ''}",
@@ -2291,6 +2291,15 @@ class Server:
         quoted = shlex.quote(path)
         command = f"tail -n {int(tail_lines)} -- {quoted}" if tail_lines else f"cat -- {quoted}"
         return self.connection.run(command, what=f"reading {path}").stdout
+
+    def log_tail(self, path: str, lines: int = 15) -> str:
+        """The last lines of a log, or nothing when the job never wrote it."""
+        try:
+            return self.read_file(path, tail_lines=lines)
+        except CommandError as error:
+            if isinstance(error, SSHError):
+                raise
+            return ""
 
     # -- files ------------------------------------------------------------------------------------------------------
 
@@ -2493,10 +2502,7 @@ def _show_error_tail(server: Server, infos: Iterable[JobInfo], lines: int = 15) 
         if info.status.is_success or record is None:
             continue
         path = record.log_path(error=True)
-        try:
-            tail = server.read_file(path, tail_lines=lines)
-        except CommandError:
-            continue
+        tail = server.log_tail(path, lines)
         if tail.strip():
             print(f"--- last lines of {path} (job {info.job_id}, {info.status}) ---", file=sys.stderr)
             print(tail.rstrip("\n"), file=sys.stderr)
