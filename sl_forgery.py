@@ -818,6 +818,12 @@ def expand_array_spec(spec: str) -> list[int]:
     return tasks
 
 
+def unique_leaf(name: str) -> str:
+    """A file or directory name made from a job name: safe characters, then the time and a random suffix."""
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "job"
+    return f"{safe_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+
+
 def exit_record_path(working_directory: str, job_id: str) -> str:
     return str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{job_id}.exit"))
 
@@ -1882,9 +1888,7 @@ class Server:
 
     def default_job_directory(self, job_name: str) -> str:
         """Where a job made from the command line runs: under the user's working root, or the remote home."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name)[:40] or "job"
-        leaf = f"{safe_name}-{stamp}-{os.urandom(2).hex()}"
+        leaf = unique_leaf(job_name)
         if self.profile.working_root and self.profile.user:
             return str(self.user_working_root / JOBS_ROOT_NAME / leaf)
         return str(PurePosixPath(self.remote_home(), JOBS_ROOT_NAME, leaf))
@@ -1937,15 +1941,9 @@ class Server:
     def _submit(
         self, script: str, name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
     ) -> str:
-        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "job"
-        script_path = str(
-            PurePosixPath(
-                working_directory,
-                REMOTE_RECORD_DIR,
-                f"{safe_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.sh",
-            )
-        )
-        log_dirs = [str(PurePosixPath(path).parent) for path in logs if "%" not in str(PurePosixPath(path).parent)]
+        script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{unique_leaf(name)}.sh"))
+        parents = [str(PurePosixPath(path).parent) for path in logs]
+        log_dirs = [parent for parent in parents if "%" not in parent]
         command = submit_command(script_path, [str(PurePosixPath(script_path).parent), *log_dirs], sbatch_args)
         argv = self.connection.ssh_argv(command)
         result = self.connection.run(command, input_text=script, what=f"preparing {working_directory}")
@@ -2521,6 +2519,11 @@ def _wait_and_report(server: Server, job_ids: Sequence[str], args: Any) -> int:
     return exit_code_for(infos.values())
 
 
+def _dry_run_directory(name: str) -> str:
+    """Stands for the job directory a real run would make: a dry run does not ask the server for its home."""
+    return f"/~/{JOBS_ROOT_NAME}/{name}-TIMESTAMP"
+
+
 def cmd_submit(args: Any) -> int:
     path = Path(args.script)
     if not path.is_file():
@@ -2530,7 +2533,7 @@ def cmd_submit(args: Any) -> int:
     name = args.name or own_name or path.stem
     sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
     if args.dry_run:
-        workdir = args.workdir or f"~/{JOBS_ROOT_NAME}/{name}-<timestamp>"
+        workdir = args.workdir or _dry_run_directory(name)
         print(inject_exit_record(script), end="")
         command = shlex.join(["sbatch", "--parsable", f"--chdir={workdir}", *sbatch_args, "SCRIPT"])
         print(f"# would run on the server: {command}", file=sys.stderr)
@@ -2551,9 +2554,7 @@ def cmd_run(args: Any) -> int:
     server = None if args.dry_run else _open_server(args)
     profile = server.profile if server else None
     name = args.name or Path(command[0]).name
-    workdir = args.workdir or (
-        server.default_job_directory(name) if server else f"/~/{JOBS_ROOT_NAME}/{name}-TIMESTAMP"
-    )
+    workdir = args.workdir or (server.default_job_directory(name) if server else _dry_run_directory(name))
     job = Job(
         name,
         f"{workdir}/output.log",
@@ -2994,7 +2995,7 @@ def cmd_server_setup_key(args: Any) -> int:
 
 
 def _jupyter_job_for_dry_run(args: Any) -> JupyterJob:
-    workdir = f"/~/{JOBS_ROOT_NAME}/jupyter-TIMESTAMP"
+    workdir = _dry_run_directory("jupyter")
     return JupyterJob(
         "jupyter",
         f"{workdir}/output.log",
