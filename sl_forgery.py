@@ -1660,17 +1660,15 @@ class SSHConnection:
 
     def socket_path(self) -> str:
         """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination."""
-        return self.ssh_setting("controlpath")
+        return self.ssh_settings()["controlpath"]
 
-    def ssh_setting(self, name: str) -> str:
-        """One setting as OpenSSH resolves it for this destination (``ssh -G``), e.g. ``userknownhostsfile``."""
+    def ssh_settings(self) -> dict[str, str]:
+        """The settings as OpenSSH resolves them for this destination (``ssh -G``), e.g. ``userknownhostsfile``."""
         argv = ["ssh", "-G", *self._mux_args(), *self._target_args(), "--", self.profile.host]
         result = _run(argv, timeout=10)
-        for line in result.stdout.splitlines():
-            key, _, value = line.partition(" ")
-            if key == name:
-                return value
-        raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -G")
+        if result.returncode != 0:
+            raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -G")
+        return dict(line.partition(" ")[::2] for line in result.stdout.splitlines())
 
     def disconnect(self) -> bool:
         if not self.is_connected():
@@ -2905,8 +2903,9 @@ def cmd_server_import(args: Any) -> int:
 def accept_host_key(connection: SSHConnection) -> str:
     """Fetch the server's host key, show its fingerprint, and record it in the known_hosts file ssh uses for it.
     A different key already recorded for that host is never replaced."""
-    host, port = connection.ssh_setting("hostname"), connection.ssh_setting("port")
-    known_hosts = Path(os.path.expanduser(connection.ssh_setting("userknownhostsfile").split()[0]))
+    settings = connection.ssh_settings()
+    host, port = settings["hostname"], settings["port"]
+    known_hosts = Path(os.path.expanduser(settings["userknownhostsfile"].split()[0]))
     name = host if port == "22" else f"[{host}]:{port}"
     scan_argv = ["ssh-keyscan", "-p", port, "-t", "ed25519,ecdsa,rsa", host]
     scan = _run(scan_argv, timeout=30)
