@@ -55,7 +55,7 @@ def median_seconds(action, repeat: int) -> float:
 def print_table(title: str, rows: list[tuple[str, float, str, float | None, str]]) -> None:
     """rows: (what, value, unit, ratio to its baseline or None, baseline name)."""
     print(f"\n{title}")
-    print(f"{'measurement':<46} {'value':>10}  {'ratio':>8}  baseline")
+    print(f"{'measurement':<48} {'value':>10}  {'ratio':>8}  baseline")
     for what, value, unit, ratio, baseline in rows:
         shown = f"{value * 1000:.1f} ms" if unit == "s" else f"{value:g} {unit}"
-        print(f"{what:<46} {shown:>10}  {'' if ratio is None else f'{ratio:.2f}x':>8}  {baseline}")
+        print(f"{what:<48} {shown:>10}  {'' if ratio is None else f'{ratio:.2f}x':>8}  {baseline}")
