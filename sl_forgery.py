@@ -86,6 +86,7 @@ environment:
   SL_FORGERY_SSH_CONFIG  ssh config file for servers whose profile names none (default ~/.ssh/config)
   XDG_STATE_HOME      where the local job history lives (sl-forgery/jobs.jsonl)
   XDG_CACHE_HOME      where help and completion text are cached
+  NO_COLOR            set and not empty: no colour in tables, even on a terminal
 """
 
 
@@ -900,12 +901,40 @@ def parse_submit_output(stdout: str) -> tuple[str, int]:
     return stdout[: match.start()], int(match.group(1))
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An aligned plain-text table."""
+_GREEN, _RED, _YELLOW, _CYAN = "32", "31", "33", "36"
+
+
+def cell_colour(header: str, value: object) -> str | None:
+    """The ANSI colour of a table cell on a terminal: a job's state by its outcome, a check's result by pass or fail.
+
+    >>> cell_colour("STATE", JobStatus.FAILED), cell_colour("RESULT", "ok"), cell_colour("NAME", "FAILED")
+    ('31', '32', None)
+    """
+    if header == "STATE" and isinstance(value, JobStatus):
+        if value is JobStatus.COMPLETED:
+            return _GREEN
+        if value.is_finished:
+            return _RED
+        return _CYAN if value in (JobStatus.RUNNING, JobStatus.COMPLETING) else _YELLOW
+    if header == "RESULT":
+        return _GREEN if value == "ok" else _RED
+    return None
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], colour: bool = False) -> str:
+    """An aligned plain-text table; with ``colour``, cells that ``cell_colour`` knows are painted (widths unchanged)."""
     cells = [[str(value) for value in row] for row in rows]
     widths = [max([len(headers[i])] + [len(row[i]) for row in cells]) for i in range(len(headers))]
+
+    def cell(header: str, value: object, text: str, width: int) -> str:
+        code = cell_colour(header, value) if colour else None
+        return f"\033[{code}m{text}\033[0m{' ' * (width - len(text))}" if code else text.ljust(width)
+
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines += [
+        "  ".join(cell(*column) for column in zip(headers, row, texts, widths, strict=True)).rstrip()
+        for row, texts in zip(rows, cells, strict=True)
+    ]
     return "\n".join(lines)
 
 
@@ -2463,6 +2492,12 @@ def _print_json(document: object) -> None:
     print(json.dumps(document, indent=2, sort_keys=False))
 
 
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    # https://no-color.org: any non-empty NO_COLOR turns colour off.
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    print(format_table(headers, rows, colour=colour))
+
+
 def _open_server(args: Any) -> Server:
     return Server.from_profile(args.server, verbose=args.verbose)
 
@@ -2602,14 +2637,12 @@ def cmd_status(args: Any) -> int:
     if args.json:
         _print_json({"jobs": [info.to_json() for info in infos.values()]})
     elif infos:
-        print(
-            format_table(
-                ["JOBID", "STATE", "EXIT", "NAME", "REASON"],
-                [
-                    [i.job_id, i.status, "" if i.exit_code is None else i.exit_code, i.name, i.reason]
-                    for i in infos.values()
-                ],
-            )
+        _print_table(
+            ["JOBID", "STATE", "EXIT", "NAME", "REASON"],
+            [
+                [i.job_id, i.status, "" if i.exit_code is None else i.exit_code, i.name, i.reason]
+                for i in infos.values()
+            ],
         )
     return EXIT_OK
 
@@ -2662,11 +2695,9 @@ def cmd_queue(args: Any) -> int:
     if args.json:
         _print_json({"jobs": [info.to_json() for info in jobs]})
     elif jobs:
-        print(
-            format_table(
-                ["JOBID", "STATE", "NAME", "NODE", "TIME LEFT", "REASON"],
-                [[i.job_id, i.status, i.name, i.node, i.time_left, i.reason] for i in jobs],
-            )
+        _print_table(
+            ["JOBID", "STATE", "NAME", "NODE", "TIME LEFT", "REASON"],
+            [[i.job_id, i.status, i.name, i.node, i.time_left, i.reason] for i in jobs],
         )
     return EXIT_OK
 
@@ -2678,20 +2709,18 @@ def cmd_history(args: Any) -> int:
     if args.json:
         _print_json({"jobs": [record._asdict() for record in records]})
     elif records:
-        print(
-            format_table(
-                ["JOBID", "SERVER", "SUBMITTED", "NAME", "WORKDIR"],
+        _print_table(
+            ["JOBID", "SERVER", "SUBMITTED", "NAME", "WORKDIR"],
+            [
                 [
-                    [
-                        r.job_id,
-                        r.server,
-                        time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted)),
-                        r.name,
-                        r.working_directory,
-                    ]
-                    for r in records
-                ],
-            )
+                    r.job_id,
+                    r.server,
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted)),
+                    r.name,
+                    r.working_directory,
+                ]
+                for r in records
+            ],
         )
     return EXIT_OK
 
@@ -2750,7 +2779,7 @@ def _server_checks(server: Server) -> list[list[str]]:
 
 
 def _print_checks(rows: list[list[str]]) -> int:
-    print(format_table(["CHECK", "RESULT", "DETAIL", "FIX"], rows))
+    _print_table(["CHECK", "RESULT", "DETAIL", "FIX"], rows)
     return EXIT_OK if all(row[1] == "ok" for row in rows) else EXIT_FAILURE
 
 
@@ -2848,19 +2877,17 @@ def cmd_server_list(args: Any) -> int:
             }
         )
     elif config.servers:
-        print(
-            format_table(
-                ["NAME", "DEFAULT", "DESTINATION", "AUTH"],
+        _print_table(
+            ["NAME", "DEFAULT", "DESTINATION", "AUTH"],
+            [
                 [
-                    [
-                        p.name,
-                        "*" if p.name == config.default else "",
-                        SSHConnection(p).describe(),
-                        "keyring password" if p.password_in_keyring else "ssh (keys, agent, config)",
-                    ]
-                    for p in config.servers.values()
-                ],
-            )
+                    p.name,
+                    "*" if p.name == config.default else "",
+                    SSHConnection(p).describe(),
+                    "keyring password" if p.password_in_keyring else "ssh (keys, agent, config)",
+                ]
+                for p in config.servers.values()
+            ],
         )
     return EXIT_OK
 
@@ -3076,11 +3103,9 @@ def cmd_jupyter_list(args: Any) -> int:
             }
         )
     elif running:
-        print(
-            format_table(
-                ["JOBID", "STATE", "NODE", "TIME LEFT", "URL"],
-                [[job.job_id, info.status, info.node or job.host, info.time_left, job.url] for job, info in running],
-            )
+        _print_table(
+            ["JOBID", "STATE", "NODE", "TIME LEFT", "URL"],
+            [[job.job_id, info.status, info.node or job.host, info.time_left, job.url] for job, info in running],
         )
     return EXIT_OK
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import jsonschema
 import pytest
 
 import sl_forgery
-from conftest import CLUSTER, ROOT, cli
+from conftest import CLUSTER, ROOT, cli, console_script
 
 COMPLETION_FILES = {"bash": "sl-forgery.bash", "zsh": "_sl-forgery", "fish": "sl-forgery.fish"}
 
@@ -113,10 +114,53 @@ def test_json_documents_follow_their_schemas(profile_name):
     assert servers["default"] == profile_name
 
 
-def test_tables_are_plain_when_not_a_terminal(profile_name):
-    listing = cli("server", "list")
-    assert "\033[" not in listing.stdout
-    assert listing.stdout.splitlines()[0].split() == ["NAME", "DEFAULT", "DESTINATION", "AUTH"]
+def on_terminal(*args: str, env: dict[str, str]) -> str:
+    """What sl-forgery prints when its stdout is a terminal, as in an interactive shell."""
+    controller, terminal = pty.openpty()
+    try:
+        subprocess.run(
+            [console_script("sl-forgery"), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=terminal,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal side is closed and everything has been read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_job_states_are_coloured_on_a_terminal_only(profile_name):
+    completed = cli("run", "--mem", "0.25", "--", "true").stdout.strip()
+    failed = cli("run", "--mem", "0.25", "--", "sh", "-c", "exit 4").stdout.strip()
+    assert cli("wait", completed).returncode == 0 and cli("wait", failed).returncode == 4
+    terminal_env = {**os.environ, "TERM": "xterm"}
+    terminal_env.pop("NO_COLOR", None)
+
+    coloured = on_terminal("status", completed, failed, env=terminal_env)
+    assert "\033[32mCOMPLETED\033[0m" in coloured and "\033[31mFAILED\033[0m" in coloured
+    plain_lines = [
+        line.replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "") for line in coloured.splitlines()
+    ]
+    assert plain_lines == cli("status", completed, failed).stdout.splitlines()  # the same table, aligned alike
+
+    for env in ({**terminal_env, "NO_COLOR": "1"}, {**terminal_env, "TERM": "dumb"}):
+        assert "\033[" not in on_terminal("status", completed, failed, env=env)
+    piped = cli("status", completed, failed)
+    assert "\033[" not in piped.stdout
+    assert piped.stdout.splitlines()[0].split() == ["JOBID", "STATE", "EXIT", "NAME", "REASON"]
 
 
 def test_dry_run_leaves_the_cluster_untouched(profile_name, cluster, tmp_path):
