@@ -870,7 +870,30 @@ def watcher_command(record_paths: Mapping[str, str]) -> str:
     return shlex.join(["bash", "-c", script])
 
 
-def submit_command(script_path: str, directories: Iterable[str], sbatch_args: Sequence[str]) -> str:
+def submission_plan(
+    job_name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
+) -> tuple[str, list[str], list[str]]:
+    """Where a job's script is written, the directories to make for it and its logs (a log path with a ``%``
+    pattern has none to make), and the sbatch command line that submits it."""
+    script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{unique_leaf(job_name)}.sh"))
+    parents = [str(PurePosixPath(path).parent) for path in logs]
+    directories = [str(PurePosixPath(script_path).parent), *(parent for parent in parents if "%" not in parent)]
+    return script_path, directories, ["sbatch", "--parsable", *sbatch_args, script_path]
+
+
+def script_sbatch_args(
+    working_directory: str, sbatch_args: Sequence[str], output_log: str | None = None, error_log: str | None = None
+) -> list[str]:
+    """sbatch options for a user's own script: they override its ``#SBATCH`` lines."""
+    args = [f"--chdir={working_directory}", *sbatch_args]
+    if output_log:
+        args.append(f"--output={output_log}")
+    if error_log:
+        args.append(f"--error={error_log}")
+    return args
+
+
+def submit_command(script_path: str, directories: Iterable[str], sbatch_argv: Sequence[str]) -> str:
     """Remote command: create directories, write the script from stdin, sbatch it; on refusal remove the script.
 
     sbatch's exit code is printed as a last ``@@ N`` line, because sbatch itself may exit 255, which would read as
@@ -881,7 +904,7 @@ def submit_command(script_path: str, directories: Iterable[str], sbatch_args: Se
     # on the login node costs a fork and an exec, which is most of what a submission costs beyond sbatch.
     missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in sorted(set(directories)))
     mkdirs = shlex.join(["mkdir", "-p", *sorted(set(directories))])
-    sbatch = shlex.join(["sbatch", "--parsable", *sbatch_args, script_path])
+    sbatch = shlex.join(sbatch_argv)
     return (
         f"if {missing}; then {mkdirs}; fi && "
         f'{{ while IFS= read -r line || [ -n "$line" ]; do printf \'%s\\n\' "$line"; done > {quoted_script}; }} && '
@@ -1913,12 +1936,13 @@ class Server:
             write_private_file(cache_path, json.dumps(cache))
         return str(cache[key])
 
-    def default_job_directory(self, job_name: str) -> str:
-        """Where a job made from the command line runs: under the user's working root, or the remote home."""
+    def default_job_directory(self, job_name: str, home: str | None = None) -> str:
+        """Where a job made from the command line runs: under the user's working root, or the remote home (``home``
+        stands in for it where the server must not be asked, as in a dry run)."""
         leaf = unique_leaf(job_name)
         if self.profile.working_root and self.profile.user:
             return str(self.user_working_root / JOBS_ROOT_NAME / leaf)
-        return str(PurePosixPath(self.remote_home(), JOBS_ROOT_NAME, leaf))
+        return str(PurePosixPath(home or self.remote_home(), JOBS_ROOT_NAME, leaf))
 
     # -- submission -------------------------------------------------------------------------------------------------
 
@@ -1944,12 +1968,8 @@ class Server:
     ) -> str:
         """Submit a user's own script; its ``#SBATCH`` lines hold unless ``sbatch_args`` override them."""
         name = job_name or script_directive(script, "job-name", "J") or "script"
-        args = [f"--chdir={working_directory}", *sbatch_args]
+        args = script_sbatch_args(working_directory, sbatch_args, output_log, error_log)
         logs = [path for path in (output_log, error_log) if path]
-        if output_log:
-            args.append(f"--output={output_log}")
-        if error_log:
-            args.append(f"--error={error_log}")
         # Where the logs end up, as SLURM decides: options, else the script's own lines, else slurm-%j.out.
         output = output_log or script_directive(script, "output", "o") or "slurm-%j.out"
         error = error_log or script_directive(script, "error", "e") or output
@@ -1968,10 +1988,7 @@ class Server:
     def _submit(
         self, script: str, name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
     ) -> str:
-        script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{unique_leaf(name)}.sh"))
-        parents = [str(PurePosixPath(path).parent) for path in logs]
-        log_dirs = [parent for parent in parents if "%" not in parent]
-        command = submit_command(script_path, [str(PurePosixPath(script_path).parent), *log_dirs], sbatch_args)
+        command = submit_command(*submission_plan(name, working_directory, logs, sbatch_args))
         argv = self.connection.ssh_argv(command)
         result = self.connection.run(command, input_text=script, what=f"preparing {working_directory}")
         try:
@@ -2174,12 +2191,47 @@ class Server:
         """Run Jupyter Lab as a job, wait until it answers through a tunnel to a free local port, and return the job
         with its ``url``. If it cannot start (no jupyterlab in the environment, the job fails, or it is still
         pending after ``wait_timeout`` seconds) the job is cancelled and the error raised names the cause."""
-        workdir = self.default_job_directory(job_name)
-        job = JupyterJob(
+        job = self.build_jupyter_job(
             job_name,
-            f"{workdir}/output.log",
-            f"{workdir}/error.log",
-            workdir,
+            conda_environment,
+            notebook_directory,
+            cpus_to_use,
+            ram_gb,
+            time_limit,
+            port,
+            jupyter_args,
+            partition=partition,
+            working_directory=self.default_job_directory(job_name),
+        )
+        self.submit_job(job)
+        try:
+            self._await_jupyter(job, wait_timeout, on_change)
+            self.connect_jupyter(job)
+        except BaseException:
+            self.cancel([job.job_id])
+            raise
+        return job
+
+    def build_jupyter_job(
+        self,
+        job_name: str,
+        conda_environment: str,
+        notebook_directory: str | os.PathLike[str],
+        cpus_to_use: int,
+        ram_gb: float,
+        time_limit: int,
+        port: int,
+        jupyter_args: str,
+        *,
+        partition: str | None,
+        working_directory: str,
+    ) -> JupyterJob:
+        """The job `launch_jupyter_server` submits, with this server's partition and account defaults."""
+        return JupyterJob(
+            job_name,
+            f"{working_directory}/output.log",
+            f"{working_directory}/error.log",
+            working_directory,
             conda_environment,
             os.fspath(notebook_directory),
             port,
@@ -2190,14 +2242,6 @@ class Server:
             partition=partition or self.profile.partition,
             account=self.profile.account,
         )
-        self.submit_job(job)
-        try:
-            self._await_jupyter(job, wait_timeout, on_change)
-            self.connect_jupyter(job)
-        except BaseException:
-            self.cancel([job.job_id])
-            raise
-        return job
 
     def _await_jupyter(
         self, job: JupyterJob, wait_timeout: float | None, on_change: Callable[[JobInfo], None] | None
@@ -2552,9 +2596,29 @@ def _wait_and_report(server: Server, job_ids: Sequence[str], args: Any) -> int:
     return exit_code_for(infos.values())
 
 
-def _dry_run_directory(name: str) -> str:
-    """Stands for the job directory a real run would make: a dry run does not ask the server for its home."""
-    return f"/~/{JOBS_ROOT_NAME}/{name}-TIMESTAMP"
+# Stands for the remote home directory in a dry run, which asks the server nothing.
+DRY_RUN_HOME = "/~"
+
+
+def _dry_run_server(args: Any) -> Server:
+    """The server a real run would use, read from the config alone; a stand-in named SERVER if none is set up."""
+    config = load_config()
+    if config.servers or args.server or os.environ.get("SL_FORGERY_SERVER"):
+        return Server(profile=config.profile(args.server))
+    return Server(profile=Profile(name="SERVER", host="SERVER"))
+
+
+def _print_dry_run(
+    server: Server, script: str, job_name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
+) -> int:
+    """The script on stdout; on stderr, where it would be written and the sbatch command that would submit it."""
+    script_path, _, sbatch_argv = submission_plan(job_name, working_directory, logs, sbatch_args)
+    print(script, end="")
+    print(f"# would write this script to {script_path} on {server.connection.describe()}", file=sys.stderr)
+    print(f"# and run there: {shlex.join(sbatch_argv)}", file=sys.stderr)
+    if script_path.startswith(f"{DRY_RUN_HOME}/"):
+        print(f"# ({DRY_RUN_HOME} stands for your home directory on the server)", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_submit(args: Any) -> int:
@@ -2566,11 +2630,10 @@ def cmd_submit(args: Any) -> int:
     name = args.name or own_name or path.stem
     sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
     if args.dry_run:
-        workdir = args.workdir or _dry_run_directory(name)
-        print(inject_exit_record(script), end="")
-        command = shlex.join(["sbatch", "--parsable", f"--chdir={workdir}", *sbatch_args, "SCRIPT"])
-        print(f"# would run on the server: {command}", file=sys.stderr)
-        return EXIT_OK
+        server = _dry_run_server(args)
+        workdir = args.workdir or server.default_job_directory(name, home=DRY_RUN_HOME)
+        command_args = script_sbatch_args(workdir, sbatch_args)
+        return _print_dry_run(server, inject_exit_record(script), name, workdir, [], command_args)
     server = _open_server(args)
     workdir = args.workdir or server.default_job_directory(name)
     job_id = server.submit_script(script, working_directory=workdir, sbatch_args=sbatch_args, job_name=name)
@@ -2584,28 +2647,27 @@ def cmd_run(args: Any) -> int:
         command = command[1:]
     if not command:
         raise UsageError("no command given; usage: sl-forgery run [OPTIONS] -- COMMAND [ARGS...]")
-    server = None if args.dry_run else _open_server(args)
-    profile = server.profile if server else None
+    server = _dry_run_server(args) if args.dry_run else _open_server(args)
+    profile = server.profile
     name = args.name or Path(command[0]).name
-    workdir = args.workdir or (server.default_job_directory(name) if server else _dry_run_directory(name))
+    workdir = args.workdir or server.default_job_directory(name, home=DRY_RUN_HOME if args.dry_run else None)
     job = Job(
         name,
         f"{workdir}/output.log",
         f"{workdir}/error.log",
         workdir,
-        conda_environment=args.env or (profile.conda_environment if profile else None),
+        conda_environment=args.env or profile.conda_environment,
         cpus_to_use=1 if args.cpus is None else args.cpus,
         ram_gb=4 if args.mem is None else args.mem,
         time_limit=60 if args.time is None else args.time,
-        partition=args.partition or (profile.partition if profile else None),
-        account=args.account or (profile.account if profile else None),
+        partition=args.partition or profile.partition,
+        account=args.account or profile.account,
         qos=args.qos,
         gpus=args.gpus,
     )
     job.add_command(shlex.join(command))
-    if server is None:
-        print(job.script, end="")
-        return EXIT_OK
+    if args.dry_run:
+        return _print_dry_run(server, job.script, name, workdir, [job.output_log, job.error_log], [])
     server.submit_job(job)
     assert job.job_id is not None
     print(job.job_id, flush=True)
@@ -3020,33 +3082,34 @@ def cmd_server_setup_key(args: Any) -> int:
     return _say(args, f"{profile.name}: key login works with {key}; the password is no longer needed or kept")
 
 
-def _jupyter_job_for_dry_run(args: Any) -> JupyterJob:
-    workdir = _dry_run_directory("jupyter")
-    return JupyterJob(
-        "jupyter",
-        f"{workdir}/output.log",
-        f"{workdir}/error.log",
-        workdir,
-        args.env or "ENV",
-        args.dir or "/~",
-        args.port,
-        args.jupyter_args or "",
-        cpus_to_use=args.cpus,
-        ram_gb=args.mem,
-        time_limit=args.time,
-        partition=args.partition,
-    )
-
-
 def cmd_jupyter(args: Any) -> int:
-    if args.dry_run:
-        print(_jupyter_job_for_dry_run(args).script, end="")
-        return EXIT_OK
-    server = _open_server(args)
+    server = _dry_run_server(args) if args.dry_run else _open_server(args)
     environment = args.env or server.profile.conda_environment
     if not environment:
         raise UsageError("no conda environment with jupyterlab given: pass --env ENV (or set conda_environment)")
-    notebooks = args.dir or (str(server.user_working_root) if server.profile.working_root else server.remote_home())
+    home = DRY_RUN_HOME if args.dry_run else None
+    if args.dir:
+        notebooks = args.dir
+    elif server.profile.working_root:
+        notebooks = str(server.user_working_root)
+    else:
+        notebooks = home or server.remote_home()
+    if args.dry_run:
+        job = server.build_jupyter_job(
+            "jupyter",
+            environment,
+            notebooks,
+            args.cpus,
+            args.mem,
+            args.time,
+            args.port,
+            args.jupyter_args or "",
+            partition=args.partition,
+            working_directory=server.default_job_directory("jupyter", home=home),
+        )
+        return _print_dry_run(
+            server, job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], []
+        )
     try:
         job = server.launch_jupyter_server(
             "jupyter",

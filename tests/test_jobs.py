@@ -359,6 +359,45 @@ def test_dry_run_connects_to_nothing(home):
     assert "conda activate analysis" in result.stdout and "python -c 'print('\"'\"'x y'\"'\"')'" in result.stdout
 
 
+def test_dry_runs_show_the_profiles_defaults_without_connecting(home, tmp_path):
+    # The profile points at a closed port: any connection attempt would fail the command.
+    config = sl_forgery.Config(sl_forgery.config_path())
+    config.servers["lab"] = sl_forgery.Profile(
+        name="lab",
+        host="127.0.0.1",
+        port=1,
+        user="alice",
+        working_root="/work",
+        conda_environment="analysis",
+        partition="short",
+        account="lab-account",
+    )
+    config.default = "lab"
+    config.save()
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --time=5\necho hi\n")
+    files_before = sorted(path for path in home.rglob("*"))
+
+    ran = cli("run", "--dry-run", "--", "echo", "hi")
+    assert ran.returncode == 0, ran.stderr
+    assert "conda activate analysis" in ran.stdout
+    assert "#SBATCH --partition=short\n" in ran.stdout and "#SBATCH --account=lab-account\n" in ran.stdout
+    assert "#SBATCH --chdir=/work/alice/sl-forgery-jobs/echo-" in ran.stdout
+    assert "on alice@127.0.0.1:1" in ran.stderr and "sbatch --parsable /work/alice/sl-forgery-jobs/echo-" in ran.stderr
+
+    submitted = cli("submit", "--dry-run", "--cpus", "3", str(script))
+    assert submitted.returncode == 0, submitted.stderr
+    assert submitted.stdout.startswith("#!/bin/bash\n#SBATCH --time=5\n") and "echo hi" in submitted.stdout
+    assert "--chdir=/work/alice/sl-forgery-jobs/job-" in submitted.stderr and "--cpus-per-task=3" in submitted.stderr
+
+    jupyter = cli("jupyter", "--dry-run")
+    assert jupyter.returncode == 0, jupyter.stderr
+    assert "conda activate analysis" in jupyter.stdout and "--ServerApp.root_dir=/work/alice" in jupyter.stdout
+
+    assert sorted(path for path in home.rglob("*")) == files_before
+    assert not sl_forgery.history_path().exists()
+
+
 def test_original_readme_flow_with_legacy_credentials_works_word_for_word(cluster, home, tmp_path, password_only_ssh):
     # The original README's example, with its paths moved under the test user's home and the password
     # login the legacy file implies.
