@@ -61,7 +61,9 @@ SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, 
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
-NO_MASTER_MARKER = "kex_exchange_identification"
+# A call that finds no master falls back to its ProxyCommand, `false`, and OpenSSH reports that pipe, not a host,
+# as its peer; which line it prints depends on whether it first reads or writes.
+NO_MASTER_MARKERS = ("UNKNOWN port 65535", "kex_exchange_identification")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -1689,11 +1691,24 @@ class SSHConnection:
 
     def connect(self) -> bool:
         """Start the master unless one is running; True when this call started it."""
+        import fcntl
+
         _private_dir(control_dir())
+        socket_path = self.socket_path()
+        # Commands started together (a shell loop with &) would each start a master, and every master but the last
+        # would run on without a socket: one starts it while the others wait for the lock, then find it running.
+        lock = os.open(f"{socket_path}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._start_master(socket_path)
+        finally:
+            os.close(lock)
+
+    def _start_master(self, socket_path: str) -> bool:
         if self.is_connected():
             return False
         # A master that died hard leaves its socket behind, and a new master will not listen where a file is.
-        Path(self.socket_path()).unlink(missing_ok=True)
+        Path(socket_path).unlink(missing_ok=True)
         argv = self._master_argv()
         self._log(argv)
         log_path = control_dir() / f"master-{os.getpid()}.log"
@@ -1754,16 +1769,10 @@ class SSHConnection:
             result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
             if not self._master_was_missing(result) or attempt == 2:
                 break
-            if not self.connect():
-                raise SSHError(
-                    argv,
-                    result.returncode,
-                    result.stdout,
-                    result.stderr,
-                    what=f"ssh to {self.describe()} (the connection refused a new session)",
-                )
+            self.connect()  # started here or by a command running beside this one: either way, once more
         if self._master_was_missing(result):
-            raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}")
+            refused = " (the connection refused a new session)" if self.is_connected() else ""
+            raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}{refused}")
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
             raise error(
@@ -1777,7 +1786,7 @@ class SSHConnection:
 
     @staticmethod
     def _master_was_missing(result: subprocess.CompletedProcess) -> bool:
-        return result.returncode == 255 and NO_MASTER_MARKER in result.stderr
+        return result.returncode == 255 and any(marker in result.stderr for marker in NO_MASTER_MARKERS)
 
     def popen(self, command: str) -> subprocess.Popen:
         """A long-lived remote command over the master, its stdout a pipe. Its stderr is dropped: nothing reads it

@@ -227,6 +227,24 @@ def test_cli_calls_seconds_apart_reuse_one_connection(profile_name, cluster):
     assert cluster.sshd_connections() - before == 1
 
 
+def test_commands_started_together_share_one_connection(profile_name, cluster):
+    # A shell loop that puts each submission in the background starts them all before any master exists.
+    def masters() -> set[str]:
+        pattern = f"ssh -M -N -f .*ControlPath={sl_forgery.control_dir()}"
+        return set(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split())
+
+    assert cli("disconnect").returncode == 0
+    before, masters_before = cluster.sshd_connections(), masters()
+    commands = [
+        subprocess.Popen([console_script("sl-forgery"), "queue"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(8)
+    ]
+    errors = [command.communicate(timeout=120)[1].decode() for command in commands]
+    assert [command.returncode for command in commands] == [0] * 8, errors
+    assert cluster.sshd_connections() - before == 1
+    assert len(masters() - masters_before) == 1  # no master left behind without its socket
+
+
 def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
     server.connection.run("true")
     socket_dir = sl_forgery.control_dir()
