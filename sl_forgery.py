@@ -1014,6 +1014,19 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def run_exclusively(lock_path: str | os.PathLike[str], action: Callable[[], Any]) -> Any:
+    """Run ``action`` while this process holds the lock file, so that commands started together take turns; the
+    lock goes with its process, so one that crashes blocks nobody."""
+    import fcntl
+
+    descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        return action()
+    finally:
+        os.close(descriptor)
+
+
 def write_private_file(path: Path, text: str) -> None:
     """Write a file with mode 0600 in a 0700 directory, atomically, so that a crash never leaves half a file."""
     _private_dir(path.parent)
@@ -1293,10 +1306,17 @@ def load_jupyter_records() -> dict[str, dict[str, Any]]:
         return {}
 
 
-def save_jupyter_records(records: Mapping[str, Mapping[str, Any]]) -> None:
+def update_jupyter_records(change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+    """Read, change and write the records as one step, so that Jupyter servers started together are all kept."""
     import json
 
-    write_private_file(jupyter_records_path(), json.dumps(records, indent=1))
+    def update() -> None:
+        records = load_jupyter_records()
+        change(records)
+        write_private_file(jupyter_records_path(), json.dumps(records, indent=1))
+
+    _private_dir(state_dir())
+    run_exclusively(f"{jupyter_records_path()}.lock", update)
 
 
 _INSECURE_BACKENDS = ("keyring.backends.fail", "keyring.backends.null", "keyrings.alt")
@@ -1691,18 +1711,11 @@ class SSHConnection:
 
     def connect(self) -> bool:
         """Start the master unless one is running; True when this call started it."""
-        import fcntl
-
         _private_dir(control_dir())
         socket_path = self.socket_path()
         # Commands started together (a shell loop with &) would each start a master, and every master but the last
         # would run on without a socket: one starts it while the others wait for the lock, then find it running.
-        lock = os.open(f"{socket_path}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._start_master(socket_path)
-        finally:
-            os.close(lock)
+        return run_exclusively(f"{socket_path}.lock", lambda: self._start_master(socket_path))
 
     def _start_master(self, socket_path: str) -> bool:
         if self.is_connected():
@@ -2336,9 +2349,7 @@ class Server:
         self.cancel([job.job_id])
         if job.local_port:
             self.connection.forward(job.local_port, job.host, job.port, cancel=True)
-        records = load_jupyter_records()
-        records.pop(job.job_id, None)
-        save_jupyter_records(records)
+        update_jupyter_records(lambda records: records.pop(job.job_id, None))
 
     def list_jupyter(self) -> list[tuple[JupyterJob, JobInfo]]:
         """Jupyter jobs of this server started from here and still alive, with what the scheduler says of them."""
@@ -2353,8 +2364,7 @@ class Server:
         return [(job, infos[job.job_id]) for job in jobs if not infos[job.job_id].status.is_finished]
 
     def _remember_jupyter(self, job: JupyterJob) -> None:
-        records = load_jupyter_records()
-        records[job.job_id] = {
+        details = {
             "server": self.profile.name,
             "working_directory": job.working_directory,
             "host": job.host,
@@ -2363,7 +2373,7 @@ class Server:
             "local_port": job.local_port,
             "url": job.url,
         }
-        save_jupyter_records(records)
+        update_jupyter_records(lambda records: records.update({job.job_id: details}))
 
     def read_file(self, path: str, tail_lines: int | None = None) -> str:
         quoted = shlex.quote(path)

@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import sl_forgery
-from conftest import cli, console_script
+from conftest import ROOT, cli, console_script
 
 
 def password_profile(cluster, name="pw", known_hosts=None) -> sl_forgery.Profile:
@@ -416,3 +417,20 @@ def test_create_server_credentials_prompts_when_no_password_is_given(secret_serv
     assert "typed at the prompt" not in (tmp_path / "server_credentials.yaml").read_text()
     assert sl_forgery.get_password("alice@lab.example:22") == "typed at the prompt"
     sl_forgery.delete_password("alice@lab.example:22")
+
+
+def test_jupyter_records_written_at_once_by_many_commands_are_all_kept(home):
+    # Each process adds its own records; a read-modify-write without the lock loses some of them.
+    program = (
+        "import sys, sl_forgery\n"
+        "for n in range(40):\n"
+        "    key = f'{sys.argv[1]}-{n}'\n"
+        "    sl_forgery.update_jupyter_records(lambda records: records.update({key: {'server': 'lab'}}))\n"
+    )
+    writers = [
+        subprocess.Popen([sys.executable, "-c", program, f"w{index}"], env=os.environ.copy(), cwd=str(ROOT))
+        for index in range(6)
+    ]
+    assert [writer.wait(timeout=120) for writer in writers] == [0] * 6
+    assert len(sl_forgery.load_jupyter_records()) == 6 * 40
+    assert sl_forgery.jupyter_records_path().stat().st_mode & 0o777 == 0o600
