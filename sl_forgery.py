@@ -61,6 +61,10 @@ SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, 
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
+# sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers) take at most this
+# many, across all local commands, so that short calls always find room; a refused call is retried after these pauses.
+LASTING_SESSIONS = 5
+REFUSED_SESSION_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 # A call that finds no master falls back to its ProxyCommand, `false`, and OpenSSH reports that pipe, not a host,
 # as its peer; which line it prints depends on whether it first reads or writes.
 NO_MASTER_MARKERS = ("UNKNOWN port 65535", "kex_exchange_identification")
@@ -1717,6 +1721,22 @@ class SSHConnection:
         # would run on without a socket: one starts it while the others wait for the lock, then find it running.
         return run_exclusively(f"{socket_path}.lock", lambda: self._start_master(socket_path))
 
+    def reserve_lasting_session(self) -> int | None:
+        """Hold one of LASTING_SESSIONS lock files for a session that lasts (a watcher) until the returned descriptor
+        is closed; None when all are held by other commands."""
+        import fcntl
+
+        _private_dir(control_dir())
+        socket_path = self.socket_path()
+        for slot in range(LASTING_SESSIONS):
+            descriptor = os.open(f"{socket_path}.session-{slot}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return descriptor
+            except BlockingIOError:
+                os.close(descriptor)
+        return None
+
     def _start_master(self, socket_path: str) -> bool:
         if self.is_connected():
             return False
@@ -1775,15 +1795,21 @@ class SSHConnection:
         timeout: float | None = None,
         what: str = "",
     ) -> subprocess.CompletedProcess:
-        """Run one remote shell command over the master; start or restart the master once if it is not there."""
+        """Run one remote shell command over the master; start or restart the master if it is not there, and retry
+        a session the server refused (too many at once) after a pause."""
         argv = self.ssh_argv(command)
-        for attempt in (1, 2):
+        for pause in (0.0, *REFUSED_SESSION_RETRY_DELAYS):
+            if pause:
+                time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
             self._log(argv)
             result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
-            if not self._master_was_missing(result) or attempt == 2:
+            if not self._master_was_missing(result):
                 break
-            self.connect()  # started here or by a command running beside this one: either way, once more
-        if self._master_was_missing(result):
+            if self.connect():  # there was no master: this call never reached the server, so run it again now
+                result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
+                if not self._master_was_missing(result):
+                    break
+        else:
             refused = " (the connection refused a new session)" if self.is_connected() else ""
             raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}{refused}")
         if check and result.returncode != 0:
@@ -2120,7 +2146,9 @@ class Server:
         # A job has ended, as far as its records tell, once every one of its tasks has written one.
         tasks = {job_id: set(records[job_id].task_ids) for job_id in ids if job_id in records}
         recorded: set[str] = set()
-        watcher = self.connection.popen(watcher_command(record_paths)) if record_paths else None
+        # Without a lasting session to spare, the scheduler alone tells when the jobs end.
+        session = self.connection.reserve_lasting_session() if record_paths else None
+        watcher = self.connection.popen(watcher_command(record_paths)) if session is not None else None
         buffer = ""
         interval = poll_first
         next_query = time.monotonic()
@@ -2169,6 +2197,8 @@ class Server:
             if watcher is not None:
                 watcher.terminate()
                 watcher.wait()
+            if session is not None:
+                os.close(session)
 
     # -- control ----------------------------------------------------------------------------------------------------
 

@@ -245,6 +245,20 @@ def test_commands_started_together_share_one_connection(profile_name, cluster):
     assert len(masters() - masters_before) == 1  # no master left behind without its socket
 
 
+def test_more_waits_at_once_than_sshd_allows_sessions_all_see_the_job_end(profile_name, cluster):
+    # sshd allows 10 sessions per connection; a shell loop of `run --wait ... &` easily starts more waits than that.
+    job_id = cli("run", "--mem", "0.25", "--", "sleep", "5").stdout.strip()
+    waits = [
+        subprocess.Popen(
+            [console_script("sl-forgery"), "wait", "--json", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(14)
+    ]
+    outcomes = [wait.communicate(timeout=180) for wait in waits]
+    assert [wait.returncode for wait in waits] == [0] * 14, [stderr.decode() for _, stderr in outcomes]
+    assert {json.loads(stdout)["jobs"][0]["state"] for stdout, _ in outcomes} == {"COMPLETED"}
+
+
 def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
     server.connection.run("true")
     socket_dir = sl_forgery.control_dir()
