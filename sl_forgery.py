@@ -17,6 +17,7 @@ __all__ = [
     "SSHError",
     "SlurmError",
     "WaitTimeout",
+    "UnknownJobError",
     "JupyterError",
     "Job",
     "JupyterJob",
@@ -129,6 +130,10 @@ class JupyterError(SlForgeryError):
     def __init__(self, message: str, log_tail: str = "") -> None:
         super().__init__(message)
         self.log_tail = log_tail
+
+
+class UnknownJobError(SlForgeryError):
+    """No scheduler command, exit record or local submission knows a job: waiting for it would never end."""
 
 
 class WaitTimeout(SlForgeryError):
@@ -2162,6 +2167,13 @@ class Server:
                         last[job_id] = info
                     if not unfinished():
                         return {job_id: last[job_id] for job_id in ids}
+                    unknown = [job_id for job_id in unfinished() if last[job_id].status is JobStatus.UNKNOWN]
+                    if unknown:
+                        jobs = f"jobs {', '.join(unknown)} are" if len(unknown) > 1 else f"job {unknown[0]} is"
+                        raise UnknownJobError(
+                            f"{jobs} unknown to squeue and sacct on {self.profile.name!r}: check the id; a job that "
+                            "ended long ago may be forgotten by the scheduler"
+                        )
                     if confirm_delay:
                         # An exit record said a job ended; the scheduler lags it by seconds.
                         next_query = time.monotonic() + confirm_delay

@@ -368,6 +368,14 @@ def test_cli_exit_codes_for_cancelled_timeout_and_interrupt(profile_name):
     assert cancelled.returncode == 1 and "CANCELLED" in cancelled.stderr
 
 
+def test_waiting_for_a_job_nobody_knows_fails_at_once(profile_name):
+    # A mistyped id would otherwise be waited for forever.
+    started = time.monotonic()
+    waited = cli("wait", "--timeout", "60", "99999999")
+    assert waited.returncode == 1 and time.monotonic() - started < 30
+    assert waited.stderr.splitlines()[-1].startswith("sl-forgery: error: job 99999999 is unknown to squeue and sacct")
+
+
 def test_cli_bad_input_is_one_line_and_exit_two(profile_name, tmp_path):
     missing = cli("submit", str(tmp_path / "nope.sh"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
