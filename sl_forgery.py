@@ -164,7 +164,9 @@ class CommandError(SlForgeryError):
     def summary(self) -> str:
         lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
         reason = f": {lines[-1]}" if lines else ""
-        return f"{self.what} failed with exit code {self.returncode}{reason}"
+        # Some SLURM commands refuse a request and still exit 0 (scancel for an unknown job id).
+        outcome = f"failed with exit code {self.returncode}" if self.returncode else "refused"
+        return f"{self.what} {outcome}{reason}"
 
     def __str__(self) -> str:
         return (
@@ -921,6 +923,18 @@ def submit_command(script_path: str, directories: Iterable[str], sbatch_argv: Se
         f'{{ while IFS= read -r line || [ -n "$line" ]; do printf \'%s\\n\' "$line"; done > {quoted_script}; }} && '
         f'{{ {sbatch}; rc=$?; if [ $rc != 0 ]; then rm -f {quoted_script}; fi; echo "@@ $rc"; }}'
     )
+
+
+SCANCEL_ALREADY_ENDED = "Job/step already completing or completed"
+
+
+def parse_scancel_refusals(stderr: str) -> dict[str, str]:
+    r"""What ``scancel -v`` refused, by job id.
+
+    >>> parse_scancel_refusals("scancel: error: Kill job error on job id 7: Invalid job id specified\n")
+    {'7': 'Invalid job id specified'}
+    """
+    return dict(re.findall(r"Kill job error on job id (\S+): (.+)", stderr))
 
 
 def parse_submit_output(stdout: str) -> tuple[str, int]:
@@ -2214,16 +2228,22 @@ class Server:
 
     # -- control ----------------------------------------------------------------------------------------------------
 
-    def cancel(self, job_ids: object) -> None:
-        """Cancel jobs (pending or running) in one scancel call."""
+    def cancel(self, job_ids: object) -> list[str]:
+        """Cancel jobs (pending or running) in one scancel call; returns the ids of those that had already ended.
+        A job SLURM does not know, or will not let this user cancel, raises `SlurmError`."""
         ids = _job_ids(job_ids)
-        if ids:
-            command = shlex.join(["scancel", *ids])
-            result = self.connection.run(command, check=False)
-            if result.returncode != 0 or "error" in result.stderr.lower():
-                raise SlurmError(
-                    self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="scancel"
-                )
+        if not ids:
+            return []
+        # Without -v, scancel says nothing and exits 0 for a job that has ended or never existed.
+        command = shlex.join(["scancel", "-v", *ids])
+        result = self.connection.run(command, check=False)
+        refusals = parse_scancel_refusals(result.stderr)
+        ended = [job_id for job_id, reason in refusals.items() if reason == SCANCEL_ALREADY_ENDED]
+        if result.returncode != 0 or len(refusals) > len(ended):
+            raise SlurmError(
+                self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="scancel"
+            )
+        return ended
 
     def abort_job(self, job: Job | str | int) -> None:
         self.cancel([getattr(job, "job_id", job)])
@@ -2773,8 +2793,13 @@ def cmd_status(args: Any) -> int:
 def cmd_cancel(args: Any) -> int:
     server = _open_server(args)
     ids = _job_ids(args.job_ids)
-    server.cancel(ids)
-    return _say(args, f"cancelled {' '.join(ids)}")
+    ended = server.cancel(ids)
+    cancelled = [job_id for job_id in ids if job_id not in ended]
+    if cancelled:
+        _say(args, f"cancelled {' '.join(cancelled)}")
+    if ended:
+        _say(args, f"{'jobs' if len(ended) > 1 else 'job'} {' '.join(ended)} had already ended")
+    return EXIT_OK
 
 
 def cmd_logs(args: Any) -> int:

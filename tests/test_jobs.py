@@ -368,6 +368,19 @@ def test_cli_exit_codes_for_cancelled_timeout_and_interrupt(profile_name):
     assert cancelled.returncode == 1 and "CANCELLED" in cancelled.stderr
 
 
+def test_cancel_tells_an_ended_job_from_a_cancelled_one_and_refuses_an_unknown_id(profile_name):
+    finished = cli("run", "--mem", "0.25", "--", "true").stdout.strip()
+    running = cli("run", "--mem", "0.25", "--", "sleep", "300").stdout.strip()
+    assert cli("wait", finished).returncode == 0
+    cancelled = cli("cancel", finished, running)
+    assert cancelled.returncode == 0
+    assert cancelled.stderr.splitlines() == [f"cancelled {running}", f"job {finished} had already ended"]
+    assert json.loads(cli("wait", "--json", running).stdout)["jobs"][0]["state"] == "CANCELLED"
+    unknown = cli("cancel", "99999999")
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
+    assert "scancel refused" in unknown.stderr and "Invalid job id" in unknown.stderr
+
+
 def test_waiting_for_a_job_nobody_knows_fails_at_once(profile_name):
     # A mistyped id would otherwise be waited for forever.
     started = time.monotonic()
