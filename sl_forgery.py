@@ -2813,7 +2813,18 @@ def cmd_logs(args: Any) -> int:
         )
     path = record.log_path(error=args.err)
     if not args.follow:
-        sys.stdout.write(server.read_file(path, tail_lines=args.lines))
+        try:
+            sys.stdout.write(server.read_file(path, tail_lines=args.lines))
+        except CommandError as error:
+            if isinstance(error, SSHError) or "No such file" not in error.stderr:
+                raise
+            state = server.get_job_status(job_id)
+            if state.is_finished:
+                raise SlForgeryError(f"job {job_id} ({state}) ended without writing {path}") from None
+            raise SlForgeryError(
+                f"job {job_id} ({state}) has not written {path} yet; 'sl-forgery logs --follow {job_id}' shows it "
+                "as it comes"
+            ) from None
         return EXIT_OK
     tail = server.connection.popen(f"tail -n +1 -F -- {shlex.quote(path)} 2>/dev/null")
     try:

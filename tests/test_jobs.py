@@ -381,6 +381,21 @@ def test_cancel_tells_an_ended_job_from_a_cancelled_one_and_refuses_an_unknown_i
     assert "scancel refused" in unknown.stderr and "Invalid job id" in unknown.stderr
 
 
+def test_logs_of_a_job_that_has_not_started_say_so(profile_name, tmp_path):
+    # A job submitted held never starts, so its log is surely missing when asked for.
+    script = tmp_path / "held.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --hold\n#SBATCH --mem=256M\necho hi\n")
+    job_id = cli("submit", str(script)).stdout.strip()
+    try:
+        logs = cli("logs", job_id)
+        assert logs.returncode == 1 and logs.stderr.count("\n") == 1
+        assert f"job {job_id} (PENDING) has not written" in logs.stderr and f"logs --follow {job_id}" in logs.stderr
+    finally:
+        cli("cancel", job_id)
+    ended = cli("logs", job_id)
+    assert ended.returncode == 1 and f"job {job_id} (CANCELLED) ended without writing" in ended.stderr
+
+
 def test_waiting_for_a_job_nobody_knows_fails_at_once(profile_name):
     # A mistyped id would otherwise be waited for forever.
     started = time.monotonic()
