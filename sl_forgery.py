@@ -2287,6 +2287,16 @@ class Server:
             partition=partition,
             working_directory=self.default_job_directory(job_name),
         )
+        return self.start_jupyter(job, wait_timeout=wait_timeout, on_change=on_change)
+
+    def start_jupyter(
+        self,
+        job: JupyterJob,
+        *,
+        wait_timeout: float | None = None,
+        on_change: Callable[[JobInfo], None] | None = None,
+    ) -> JupyterJob:
+        """Submit a job from `build_jupyter_job` and see it through as `launch_jupyter_server` does."""
         self.submit_job(job)
         try:
             self._await_jupyter(job, wait_timeout, on_change)
@@ -3191,36 +3201,24 @@ def cmd_jupyter(args: Any) -> int:
         notebooks = str(server.user_working_root)
     else:
         notebooks = home or server.remote_home()
+    job = server.build_jupyter_job(
+        "jupyter",
+        environment,
+        notebooks,
+        args.cpus,
+        args.mem,
+        args.time,
+        args.port,
+        args.jupyter_args or "",
+        partition=args.partition,
+        working_directory=server.default_job_directory("jupyter", home=home),
+    )
     if args.dry_run:
-        job = server.build_jupyter_job(
-            "jupyter",
-            environment,
-            notebooks,
-            args.cpus,
-            args.mem,
-            args.time,
-            args.port,
-            args.jupyter_args or "",
-            partition=args.partition,
-            working_directory=server.default_job_directory("jupyter", home=home),
-        )
         return _print_dry_run(
             server, job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], []
         )
     try:
-        job = server.launch_jupyter_server(
-            "jupyter",
-            environment,
-            notebooks,
-            args.cpus,
-            args.mem,
-            args.time,
-            args.port,
-            args.jupyter_args or "",
-            partition=args.partition,
-            wait_timeout=args.wait_timeout,
-            on_change=Progress(quiet=args.quiet),
-        )
+        server.start_jupyter(job, wait_timeout=args.wait_timeout, on_change=Progress(quiet=args.quiet))
     except JupyterError as error:
         if error.log_tail.strip():
             print(f"--- last lines of the job's error log ---\n{error.log_tail.rstrip()}", file=sys.stderr)
