@@ -1649,8 +1649,9 @@ class SSHConnection:
 
     @staticmethod
     def _guard_args() -> list[str]:
-        """Options that stop a call from opening a connection of its own when the master is gone."""
-        return ["-o", "ControlMaster=no", "-o", "ProxyCommand=false"]
+        """Options that stop a call from opening a connection of its own when the master is gone, or from running
+        a RemoteCommand from the user's ssh config (a tmux on login) instead of its own."""
+        return ["-o", "ControlMaster=no", "-o", "ProxyCommand=false", "-o", "RemoteCommand=none"]
 
     def _mux_args(self) -> list[str]:
         return ["-o", f"ControlPath={self.control_path}"]
@@ -1688,6 +1689,10 @@ class SSHConnection:
             "ConnectTimeout=20",
             "-o",
             "NumberOfPasswordPrompts=1",
+            "-o",
+            "RemoteCommand=none",
+            "-o",
+            "RequestTTY=no",
             *self._target_args(),
             "--",
             self.profile.host,

@@ -372,6 +372,29 @@ def test_proxyjump_from_an_ssh_config_works_and_calls_still_share_one_connection
     connection.disconnect()
 
 
+def test_a_remote_command_and_tty_in_the_users_ssh_config_do_not_break_calls(cluster, home, tmp_path):
+    # Some users start tmux on every login this way; sl-forgery's own commands must still run.
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(
+        f"Host cluster\n  HostName {cluster.host}\n  Port {cluster.port}\n  User {cluster.user}\n"
+        f"  IdentityFile {cluster.key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {cluster.known_hosts}\n"
+        "  RemoteCommand echo hijacked\n  RequestTTY force\n"
+    )
+    save_profile(sl_forgery.Profile(name="tmux-user", host="cluster", ssh_config=str(ssh_config)))
+    server = sl_forgery.Server.from_profile("tmux-user")
+    server.connection.disconnect()
+    try:
+        assert server.connection.run("echo mine").stdout == "mine\n"
+        local = tmp_path / "file.txt"
+        local.write_text("payload")
+        remote = f"{cluster.home}/tmux-user-{os.getpid()}.txt"
+        server.push_file(local, remote)
+        assert server.read_file(remote) == "payload"
+        server.remove(remote)
+    finally:
+        server.connection.disconnect()
+
+
 def test_a_key_held_by_an_agent_works_without_naming_it(cluster, home, tmp_path):
     agent = subprocess.run(
         ["ssh-agent", "-s", "-a", str(tmp_path / "agent.sock")], capture_output=True, text=True, check=True
