@@ -69,6 +69,9 @@ REFUSED_SESSION_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 # A call that finds no master falls back to its ProxyCommand, `false`, and OpenSSH reports that pipe, not a host,
 # as its peer; which line it prints depends on whether it first reads or writes.
 NO_MASTER_MARKERS = ("UNKNOWN port 65535", "kex_exchange_identification")
+# Printed by every remote command before its own output: what the login shell's start-up files print (a .bashrc
+# that greets, which bash reads even for ssh commands) comes before it and is dropped.
+OUTPUT_MARKER = "@@sl-forgery-output@@"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -937,6 +940,16 @@ def parse_scancel_refusals(stderr: str) -> dict[str, str]:
     return dict(re.findall(r"Kill job error on job id (\S+): (.+)", stderr))
 
 
+def without_login_noise(stdout: str) -> str:
+    """A remote command's own output: what follows the OUTPUT_MARKER line, or all of it when there is none.
+
+    >>> without_login_noise("Welcome to the cluster\\n@@sl-forgery-output@@\\n4242\\n")
+    '4242\\n'
+    """
+    _, marker, own_output = stdout.partition(f"{OUTPUT_MARKER}\n")
+    return own_output if marker else stdout
+
+
 def parse_submit_output(stdout: str) -> tuple[str, int]:
     r"""Split what `submit_command` printed into (sbatch's stdout, sbatch's exit code).
 
@@ -1666,7 +1679,7 @@ class SSHConnection:
             "-T",
             "--",
             self.profile.host,
-            command,
+            f"printf '%s\\n' {OUTPUT_MARKER}; {command}",
         ]
         return argv
 
@@ -1836,6 +1849,7 @@ class SSHConnection:
         else:
             refused = " (the connection refused a new session)" if self.is_connected() else ""
             raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}{refused}")
+        result.stdout = without_login_noise(result.stdout)
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
             raise error(
@@ -1859,7 +1873,7 @@ class SSHConnection:
         self.ensure_connected()
         argv = self.ssh_argv(command)
         self._log(argv)
-        return subprocess.Popen(
+        process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -1867,6 +1881,16 @@ class SSHConnection:
             text=True,
             start_new_session=True,
         )
+        # Skip the login noise up to the marker a byte at a time, so that none of the command's own output is
+        # read ahead of the caller, who may select() on the pipe.
+        assert process.stdout is not None
+        seen, marker_line = b"", f"{OUTPUT_MARKER}\n".encode()
+        while not seen.endswith(marker_line):
+            byte = os.read(process.stdout.fileno(), 1)
+            if not byte:  # the command never started: the caller sees the end of its output
+                break
+            seen += byte
+        return process
 
     def ensure_connected(self) -> None:
         if not self.is_connected():

@@ -396,6 +396,30 @@ def test_logs_of_a_job_that_has_not_started_say_so(profile_name, tmp_path):
     assert ended.returncode == 1 and f"job {job_id} (CANCELLED) ended without writing" in ended.stderr
 
 
+@pytest.fixture
+def chatty_login(cluster):
+    """A .bashrc that greets on stdout and stderr, as many do; bash reads it even for commands run over ssh."""
+    cluster.ssh("printf 'echo Welcome to the cluster\\necho module loaded >&2\\n' > ~/.bashrc")
+    assert cluster.ssh("true").stdout == "Welcome to the cluster\n"
+    yield
+    cluster.ssh("rm -f ~/.bashrc")
+
+
+def test_a_login_shell_that_prints_changes_no_result(profile_name, chatty_login):
+    ran = cli("run", "--mem", "0.25", "--wait", "--", "echo", "only this")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[1:] == ["only this"]  # the job id, then the job's output
+    job_id = ran.stdout.splitlines()[0]
+    assert job_id.isdigit()
+    status = json.loads(cli("status", "--json", job_id).stdout)
+    assert status["jobs"][0]["state"] == "COMPLETED"
+    assert cli("logs", job_id).stdout == "only this\n"
+    followed = cli("logs", "--follow", job_id)
+    assert followed.returncode == 0 and followed.stdout == "only this\n"
+    checked = cli("check")
+    assert checked.returncode == 0 and "Welcome" not in checked.stdout
+
+
 def test_waiting_for_a_job_nobody_knows_fails_at_once(profile_name):
     # A mistyped id would otherwise be waited for forever.
     started = time.monotonic()
