@@ -40,7 +40,7 @@ def completion_home(home, tmp_path):
     return home
 
 
-def bash_complete(words: str) -> list[str]:
+def bash_complete(words: str, cwd: Path | None = None) -> list[str]:
     script = ROOT / "completions" / "sl-forgery.bash"
     program = (
         f"source {script}\n"
@@ -52,12 +52,15 @@ def bash_complete(words: str) -> list[str]:
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
     result = subprocess.run(
-        ["bash", "--norc", "-c", program], capture_output=True, text=True, env=os.environ.copy(), check=True
+        ["bash", "--norc", "-c", program], capture_output=True, text=True, env=os.environ.copy(), check=True, cwd=cwd
     )
     return sorted(set(result.stdout.split()))
 
 
-def test_bash_completes_subcommands_options_servers_and_job_ids(completion_home):
+def test_bash_completes_subcommands_options_servers_and_job_ids(completion_home, tmp_path):
+    (tmp_path / "analysis_job.sh").write_text("#!/bin/bash\n")
+    (tmp_path / "notes.txt").write_text("")
+    assert bash_complete("sl-forgery submit ana", cwd=tmp_path) == ["analysis_job.sh"]
     assert bash_complete("sl-forgery sta") == ["status"]
     assert {"submit", "wait", "server", "doctor"} <= set(bash_complete("sl-forgery "))
     assert bash_complete("sl-forgery wait --ti") == ["--timeout"]
