@@ -2666,14 +2666,19 @@ def _open_server(args: Any) -> Server:
     return Server.from_profile(args.server, verbose=args.verbose)
 
 
-def _sbatch_resource_args(args: Any) -> list[str]:
-    """sbatch options from the resource flags, checked here so that a bad value never reaches the cluster."""
+def _check_resource_flags(args: Any) -> None:
+    """Refuse a bad --cpus, --time or --mem by the flag's own name, before anything reaches the cluster."""
     if args.cpus is not None:
         _check_int("--cpus", args.cpus)
     if args.time is not None:
         _check_int("--time (minutes)", args.time)
     if args.mem is not None and not args.mem > 0:
         raise UsageError(f"--mem must be a positive number of gigabytes, not {args.mem:g}")
+
+
+def _sbatch_resource_args(args: Any) -> list[str]:
+    """sbatch options from the resource flags."""
+    _check_resource_flags(args)
     options = []
     for flag, value in (
         ("cpus-per-task", args.cpus),
@@ -2767,6 +2772,7 @@ def cmd_run(args: Any) -> int:
         command = command[1:]
     if not command:
         raise UsageError("no command given; usage: sl-forgery run [OPTIONS] -- COMMAND [ARGS...]")
+    _check_resource_flags(args)
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
     profile = server.profile
     name = args.name or Path(command[0]).name
@@ -3219,6 +3225,7 @@ def cmd_server_setup_key(args: Any) -> int:
 
 
 def cmd_jupyter(args: Any) -> int:
+    _check_resource_flags(args)
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
     environment = args.env or server.profile.conda_environment
     if not environment:

@@ -220,7 +220,9 @@ def test_usage_errors_exit_two_with_one_line(home):
     result = cli("wait")
     assert result.returncode == 2 and "required" in result.stderr
     zero_cpus = cli("run", "--dry-run", "--cpus", "0", "--", "true")
-    assert zero_cpus.returncode == 2 and "cpus_to_use must be at least 1, not 0" in zero_cpus.stderr
+    assert zero_cpus.returncode == 2 and "--cpus must be at least 1, not 0" in zero_cpus.stderr
+    negative_memory = cli("run", "--dry-run", "--mem", "-3", "--", "true")
+    assert negative_memory.returncode == 2 and "--mem must be a positive number of gigabytes" in negative_memory.stderr
     bad_time = cli("submit", "--dry-run", "--time", "0", __file__)
     assert bad_time.returncode == 2 and "--time (minutes) must be at least 1, not 0" in bad_time.stderr
     no_action = cli("server")
