@@ -62,8 +62,9 @@ SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, 
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
-# sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers) take at most this
-# many, across all local commands, so that short calls always find room; a refused call is retried after these pauses.
+# sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers, logs --follow) take
+# at most this many, across local commands, so that short calls always find room; a refused call is retried after
+# these pauses.
 LASTING_SESSIONS = 5
 REFUSED_SESSION_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 # A call that finds no master falls back to its ProxyCommand, `false`, and OpenSSH reports that pipe, not a host,
@@ -1759,8 +1760,8 @@ class SSHConnection:
         return run_exclusively(f"{socket_path}.lock", lambda: self._start_master(socket_path))
 
     def reserve_lasting_session(self) -> int | None:
-        """Hold one of LASTING_SESSIONS lock files for a session that lasts (a watcher) until the returned descriptor
-        is closed; None when all are held by other commands."""
+        """A descriptor holding one of LASTING_SESSIONS lock files until it is closed, for a `popen` command;
+        None when all are held. (ssh closes inherited descriptors, so the caller, not ssh, must hold it.)"""
         import fcntl
 
         _private_dir(control_dir())
@@ -1866,8 +1867,9 @@ class SSHConnection:
         return result.returncode == 255 and any(marker in result.stderr for marker in NO_MASTER_MARKERS)
 
     def popen(self, command: str) -> subprocess.Popen:
-        """A long-lived remote command over the master, its stdout a pipe. Its stderr is dropped: nothing reads it
-        while it runs, and callers treat its output as a hint that something else confirms."""
+        """A lasting remote command over the master (hold a `reserve_lasting_session` while it runs), its stdout a
+        pipe. Its stderr is dropped: nothing reads it while it runs, and callers treat its output as a hint that
+        something else confirms."""
         import subprocess
 
         self.ensure_connected()
@@ -2871,6 +2873,12 @@ def cmd_logs(args: Any) -> int:
                 "as it comes"
             ) from None
         return EXIT_OK
+    session = server.connection.reserve_lasting_session()
+    if session is None:
+        raise SlForgeryError(
+            f"{LASTING_SESSIONS} sl-forgery commands already follow or wait on {server.profile.name!r} from this "
+            "machine; try again when one ends, or read the log without --follow"
+        )
     tail = server.connection.popen(f"tail -n +1 -F -- {shlex.quote(path)} 2>/dev/null")
     try:
         import threading
@@ -2890,6 +2898,7 @@ def cmd_logs(args: Any) -> int:
     finally:
         tail.terminate()
         tail.wait()
+        os.close(session)
     return exit_code_for(infos.values())
 
 

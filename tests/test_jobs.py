@@ -257,6 +257,28 @@ def test_more_waits_at_once_than_sshd_allows_sessions_all_see_the_job_end(profil
     outcomes = [wait.communicate(timeout=180) for wait in waits]
     assert [wait.returncode for wait in waits] == [0] * 14, [stderr.decode() for _, stderr in outcomes]
     assert {json.loads(stdout)["jobs"][0]["state"] for stdout, _ in outcomes} == {"COMPLETED"}
+    # Their sessions are free again: the next wait has a watcher, so it sees the end well before a scheduler poll.
+    next_job = cli("run", "--mem", "0.25", "--", "sleep", "3").stdout.strip()
+    started = time.monotonic()
+    assert cli("wait", next_job).returncode == 0
+    assert time.monotonic() - started < sl_forgery.SCHEDULER_POLL_FIRST - 1
+
+
+def test_follow_says_so_when_every_lasting_session_is_taken(profile_name):
+    job_id = cli("run", "--mem", "0.25", "--", "sleep", "300").stdout.strip()
+    waits = [
+        subprocess.Popen([console_script("sl-forgery"), "wait", job_id], stderr=subprocess.DEVNULL)
+        for _ in range(sl_forgery.LASTING_SESSIONS)
+    ]
+    try:
+        time.sleep(3)  # every wait has its watcher by now
+        followed = cli("logs", "--follow", job_id)
+        assert followed.returncode == 1 and followed.stderr.count("\n") == 1
+        assert "already follow or wait" in followed.stderr and "without --follow" in followed.stderr
+    finally:
+        cli("cancel", job_id)
+        for wait in waits:
+            wait.wait(timeout=60)
 
 
 def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
