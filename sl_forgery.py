@@ -1836,20 +1836,22 @@ class SSHConnection:
         """Run one remote shell command over the master; start or restart the master if it is not there, and retry
         a session the server refused (too many at once) after a pause."""
         argv = self.ssh_argv(command)
-        for pause in (0.0, *REFUSED_SESSION_RETRY_DELAYS):
-            if pause:
-                time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
+        pauses = iter(REFUSED_SESSION_RETRY_DELAYS)
+        restarted = False
+        while True:
             self._log(argv)
             result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
             if not self._master_was_missing(result):
                 break
-            if self.connect():  # there was no master: this call never reached the server, so run it again now
-                result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
-                if not self._master_was_missing(result):
-                    break
-        else:
-            refused = " (the connection refused a new session)" if self.is_connected() else ""
-            raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}{refused}")
+            if not restarted and self.connect():
+                restarted = True  # there was no master: the call never reached the server, so run it again now
+                continue
+            # The master runs (started by a command beside this one, or refusing sessions): try again shortly.
+            pause = next(pauses, None)
+            if pause is None:
+                refused = " (the connection refused a new session)" if self.is_connected() else ""
+                raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}{refused}")
+            time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
         result.stdout = without_login_noise(result.stdout)
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
