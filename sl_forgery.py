@@ -634,6 +634,46 @@ _FINISHED_STATES = frozenset(
         JobStatus.LAUNCH_FAILED,
     }
 )
+# Every state of a job that has not ended, as PENDING (not running yet, or again) or RUNNING (started, not ended):
+# the original API's loop `while status in (PENDING, RUNNING)` must end only when the job has (COMPLETING, for
+# one, lasts as long as the cluster's epilog).
+_COARSE_STATES = {
+    **dict.fromkeys(
+        [
+            JobStatus.CONFIGURING,
+            JobStatus.POWER_UP_NODE,
+            JobStatus.REQUEUED,
+            JobStatus.REQUEUE_FED,
+            JobStatus.REQUEUE_HOLD,
+            JobStatus.RESV_DEL_HOLD,
+        ],
+        JobStatus.PENDING,
+    ),
+    **dict.fromkeys(
+        [
+            JobStatus.COMPLETING,
+            JobStatus.STAGE_OUT,
+            JobStatus.SIGNALING,
+            JobStatus.RESIZING,
+            JobStatus.SUSPENDED,
+            JobStatus.STOPPED,
+            JobStatus.UPDATE_DB,
+        ],
+        JobStatus.RUNNING,
+    ),
+}
+
+
+def coarse_status(status: JobStatus) -> JobStatus:
+    """The state as `Server.get_job_status` reports it: a job that has not ended is PENDING or RUNNING; an ended
+    one (and UNKNOWN) as it is.
+
+    >>> coarse_status(JobStatus.COMPLETING), coarse_status(JobStatus.TIMEOUT)
+    (<JobStatus.RUNNING: 'RUNNING'>, <JobStatus.TIMEOUT: 'TIMEOUT'>)
+    """
+    return _COARSE_STATES.get(status, status)
+
+
 # When the tasks of an array end differently, the array reads as the first of these that any task has.
 _SEVERITY = [
     JobStatus.FAILED,
@@ -2157,12 +2197,12 @@ class Server:
         return {job_id: self._final.get(job_id) or self._live[job_id] for job_id in ids}
 
     def get_job_status(self, job_id: object) -> JobStatus:
-        """The state of one job, as a `JobStatus`."""
-        return next(iter(self.job_info([job_id]).values())).status
+        """The state of one job, as a `JobStatus` (see `coarse_status`; `job_info` has the exact one)."""
+        return coarse_status(next(iter(self.job_info([job_id]).values())).status)
 
     def get_job_statuses(self, job_ids: object) -> dict[str, JobStatus]:
-        """The states of any number of jobs, in one round trip."""
-        return {job_id: info.status for job_id, info in self.job_info(job_ids).items()}
+        """The states of any number of jobs, in one round trip, as `get_job_status` reports them."""
+        return {job_id: coarse_status(info.status) for job_id, info in self.job_info(job_ids).items()}
 
     def job_complete(self, job: Job | str | int) -> bool:
         """True once the job has ended, whatever the outcome."""

@@ -218,3 +218,13 @@ def test_jupyter_script_keeps_the_token_off_the_command_line_and_binds_no_wildca
     assert "export JUPYTER_TOKEN" in job.script and "umask 077" in job.script
     with pytest.raises(UsageError, match="port must be at least 0"):
         sl_forgery.JupyterJob("lab", "/w/o", "/w/e", "/w", "jupyter", "/d", port=-1)
+
+
+def test_the_original_loop_ends_only_when_a_job_has_ended():
+    # `while server.get_job_status(id) in (PENDING, RUNNING)` from the original README.
+    for status in JobStatus:
+        coarse = sl_forgery.coarse_status(status)
+        if status.is_finished or status is JobStatus.UNKNOWN:
+            assert coarse is status
+        else:
+            assert coarse in (JobStatus.PENDING, JobStatus.RUNNING), status
