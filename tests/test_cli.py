@@ -164,6 +164,9 @@ def test_job_states_are_coloured_on_a_terminal_only(profile_name):
     piped = cli("status", completed, failed)
     assert "\033[" not in piped.stdout
     assert piped.stdout.splitlines()[0].split() == ["JOBID", "STATE", "EXIT", "NAME", "REASON"]
+    listing = cli("server", "list")
+    assert "\033[" not in listing.stdout
+    assert listing.stdout.splitlines()[0].split() == ["NAME", "DEFAULT", "DESTINATION", "AUTH"]
 
 
 def test_dry_run_leaves_the_cluster_untouched(profile_name, cluster, tmp_path):
