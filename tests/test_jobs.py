@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import sl_forgery
-from conftest import cli, console_script
+from conftest import CLUSTER, cli, console_script
 from sl_forgery import Job, JobStatus, Server, SlurmError, UsageError
 
 
@@ -440,6 +440,36 @@ def test_a_login_shell_that_prints_changes_no_result(profile_name, chatty_login)
     assert followed.returncode == 0 and followed.stdout == "only this\n"
     checked = cli("check")
     assert checked.returncode == 0 and "Welcome" not in checked.stdout
+
+
+@pytest.fixture
+def slow_epilog(cluster):
+    """Every job ending now stays COMPLETING for 3 s, as on clusters whose epilog cleans up after each job."""
+    delay = cluster.state / "slurm" / "epilog-delay"
+    delay.write_text("3")
+    yield
+    delay.unlink()
+
+
+def test_the_original_loop_and_wait_outlast_a_completing_job(server, remote_dir, cluster, slow_epilog):
+    # With accounting down, nothing but squeue speaks for the job, and squeue says COMPLETING during the epilog.
+    slurmdbd = int((cluster.state / "run" / "slurmdbd.pid").read_text())
+    os.kill(slurmdbd, signal.SIGTERM)
+    try:
+        job = make_job(remote_dir, env=None)
+        job.add_command("sleep 1")
+        server.submit_job(job)
+        seen = set()
+        # The original README's loop, with the exact state read beside it.
+        while server.get_job_status(int(job.job_id)) in (JobStatus.PENDING, JobStatus.RUNNING):
+            seen.add(server.job_info([job.job_id])[job.job_id].status)
+            time.sleep(0.2)
+        assert JobStatus.COMPLETING in seen
+        assert server.get_job_status(int(job.job_id)) is JobStatus.COMPLETED
+        waited = cli("run", "--mem", "0.25", "--wait", "--", "echo", "done")
+        assert waited.returncode == 0 and waited.stdout.splitlines()[-1] == "done"
+    finally:
+        subprocess.run([str(CLUSTER), "up"], check=True, capture_output=True)
 
 
 def test_waiting_for_a_job_nobody_knows_fails_at_once(profile_name):
