@@ -1682,6 +1682,7 @@ class SSHConnection:
         self.verbose = verbose
         self.control_path = str(control_dir() / "%C")
         self.master_starts = 0
+        self._socket_path: str | None = None
 
     # -- argv -----------------------------------------------------------------------------------------------------
 
@@ -1837,8 +1838,11 @@ class SSHConnection:
         return True
 
     def socket_path(self) -> str:
-        """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination."""
-        return self.ssh_settings()["controlpath"]
+        """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination; resolved once,
+        since connect and every lasting session's slot need it and it cannot change while this process runs."""
+        if self._socket_path is None:
+            self._socket_path = self.ssh_settings()["controlpath"]
+        return self._socket_path
 
     def ssh_settings(self) -> dict[str, str]:
         """The settings as OpenSSH resolves them for this destination (``ssh -G``), e.g. ``userknownhostsfile``."""
