@@ -24,6 +24,7 @@ __all__ = [
     "JobStatus",
     "JobInfo",
     "JobRecord",
+    "JobUsage",
     "Profile",
     "Config",
     "SSHConnection",
@@ -62,6 +63,7 @@ SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, 
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
+REPORT_SETTLE = 15.0  # seconds a report after a job's end may wait for sacct to record the end of every step
 # sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers, logs --follow) take
 # at most this many, across local commands, so that short calls always find room; a refused call is retried after
 # these pauses.
@@ -1052,6 +1054,230 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+# -- efficiency report: what a job used of what it asked for, from sacct ------------------------------------------
+
+USAGE_FIELDS = "JobID,State,ExitCode,Elapsed,Timelimit,TotalCPU,AllocCPUS,MaxRSS,ReqMem,NNodes"
+_MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+GB = 1 << 30  # sbatch's G, which --mem counts in
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """sacct's times as seconds: ``[D-]HH:MM:SS`` (Elapsed, Timelimit) or ``[[D-]HH:]MM:SS.mmm`` (TotalCPU); None
+    for no value or no limit.
+
+    >>> parse_slurm_duration("1-02:03:04"), parse_slurm_duration("00:04.068"), parse_slurm_duration("UNLIMITED")
+    (93784.0, 4.068, None)
+    """
+    match = re.fullmatch(r"\s*(?:([0-9]+)-)?([0-9]+(?::[0-9]+){0,2}(?:\.[0-9]+)?)\s*", text)
+    if not match:
+        return None
+    seconds = 0.0
+    for part in match.group(2).split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds + int(match.group(1) or 0) * 86400
+
+
+def parse_slurm_memory(text: str, cpus: int = 1, nodes: int = 1) -> int | None:
+    """sacct's memory figures as bytes: ``161780K``, ``300M``, ``1.50G``; an older SLURM's ReqMem ends in ``c``
+    (per CPU) or ``n`` (per node). None for no value.
+
+    >>> parse_slurm_memory("161780K"), parse_slurm_memory("2Gc", cpus=4), parse_slurm_memory("")
+    (165662720, 8589934592, None)
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)([KMGTP]?)([cn]?)\s*", text)
+    if not match:
+        return None
+    number, unit, per = match.groups()
+    factor = {"c": cpus, "n": nodes}.get(per, 1)
+    return round(float(number) * _MEMORY_UNITS[unit] * factor)
+
+
+class JobUsage(
+    collections.namedtuple(
+        "JobUsage",
+        "job_id status exit_code signal elapsed time_limit cpus total_cpu peak_memory requested_memory steps",
+    )
+):
+    """What one job (or array task) used of what it asked for. Times in seconds, memory in bytes; ``peak_memory``
+    is the largest MaxRSS of any of its steps (None until a step has ended with a measurement), ``total_cpu`` the
+    CPU time of all its steps together; ``steps`` counts them (batch, extern and each srun)."""
+
+    __slots__ = ()
+
+    @property
+    def cpu_efficiency(self) -> float | None:
+        """TotalCPU / (Elapsed x AllocCPUS): 1.0 when every CPU it held was busy all the time."""
+        if not self.elapsed or not self.cpus:
+            return None
+        return self.total_cpu / (self.elapsed * self.cpus)
+
+    @property
+    def memory_use(self) -> float | None:
+        """Peak memory as a fraction of the memory asked for."""
+        if self.peak_memory is None or not self.requested_memory:
+            return None
+        return self.peak_memory / self.requested_memory
+
+    @property
+    def time_use(self) -> float | None:
+        """Elapsed time as a fraction of the time limit."""
+        if not self.time_limit:
+            return None
+        return self.elapsed / self.time_limit
+
+    @property
+    def suggestion(self) -> str:
+        return usage_suggestion(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.status.value,
+            "finished": self.status.is_finished,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "elapsed_seconds": self.elapsed,
+            "time_limit_seconds": self.time_limit,
+            "time_used": self.time_use,
+            "cpus": self.cpus,
+            "total_cpu_seconds": self.total_cpu,
+            "cpu_efficiency": self.cpu_efficiency,
+            "peak_memory_bytes": self.peak_memory,
+            "requested_memory_bytes": self.requested_memory,
+            "memory_used": self.memory_use,
+            "steps": self.steps,
+            "suggestion": self.suggestion,
+        }
+
+
+def parse_sacct_usage(stdout: str) -> dict[str, JobUsage]:
+    """Rows of ``sacct -n -P -o USAGE_FIELDS`` (steps included, no -X), one `JobUsage` per job or array task, keyed
+    by its id, in sacct's order. Its steps (``ID.batch``, ``ID.extern``, ``ID.0``...) give the CPU time and peak
+    memory; the job's own row gives the state, the limit and what was asked for."""
+    jobs: dict[str, list[str]] = {}
+    steps: dict[str, list[list[str]]] = {}
+    for line in stdout.splitlines():
+        row = line.split("|")
+        if len(row) != USAGE_FIELDS.count(",") + 1:
+            continue
+        job_id, _, step = row[0].partition(".")
+        if step:
+            steps.setdefault(job_id, []).append(row)
+        elif re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):  # not a pending array's 12_[1-3]
+            jobs[job_id] = row
+    result = {}
+    for job_id, (_, state, exit_text, elapsed, limit, total_cpu, cpus, _, requested, nodes) in jobs.items():
+        own_steps = steps.get(job_id, [])
+        code, signal = parse_exit_code(exit_text)
+        alloc = int(cpus) if cpus.isdigit() else 0
+        peaks = [peak for row in own_steps if (peak := parse_slurm_memory(row[7])) is not None]
+        if own_steps:
+            cpu_time = sum(parse_slurm_duration(row[5]) or 0.0 for row in own_steps)
+        else:
+            cpu_time = parse_slurm_duration(total_cpu) or 0.0
+        result[job_id] = JobUsage(
+            job_id,
+            JobStatus.parse(state),
+            code,
+            signal,
+            parse_slurm_duration(elapsed) or 0.0,
+            parse_slurm_duration(limit),
+            alloc,
+            round(cpu_time, 3),
+            max(peaks) if peaks else None,
+            parse_slurm_memory(requested, cpus=alloc, nodes=int(nodes) if nodes.isdigit() else 1),
+            len(own_steps),
+        )
+    return result
+
+
+def format_bytes(size: float) -> str:
+    """A memory size as people say it, in the units --mem counts (1 GB = 1024 MB).
+
+    >>> format_bytes(3.1 * (1 << 30)), format_bytes(50 * (1 << 30)), format_bytes(165662720), format_bytes(2048)
+    ('3.1 GB', '50 GB', '158 MB', '2 KB')
+    """
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f}".removesuffix(".0") + " GB"
+    if size >= 1 << 20:
+        return f"{size / (1 << 20):.0f} MB"
+    return f"{size / 1024:.0f} KB"
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as people say it.
+
+    >>> format_seconds(6), format_seconds(300), format_seconds(5400), format_seconds(2 * 86400)
+    ('6 s', '5 min', '1.5 h', '2 d')
+    """
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}".removesuffix(".0") + " h"
+    return f"{seconds / 86400:.1f}".removesuffix(".0") + " d"
+
+
+def _memory_flag(size: float) -> str:
+    """A --mem value (GB) a little above ``size`` bytes: whole GB from 1 GB up, tenths below."""
+    import math
+
+    gigabytes = size / GB
+    return f"{math.ceil(gigabytes)}" if gigabytes >= 1 else f"{math.ceil(gigabytes * 10) / 10:g}"
+
+
+def usage_suggestion(usage: JobUsage) -> str:
+    """One line on how the job's next request could fit what it used, e.g. ``asked 50.0 GB, used 3.1 GB: --mem 4
+    would do``. Memory and time keep a margin over what was used; CPUs are judged on their average load."""
+    import math
+
+    advice = []
+    if usage.status is JobStatus.OUT_OF_MEMORY and usage.requested_memory:
+        more = _memory_flag(usage.requested_memory * 2)
+        advice.append(f"ran out of its {format_bytes(usage.requested_memory)}: ask for more (--mem {more})")
+    elif usage.memory_use is not None and usage.peak_memory is not None and usage.requested_memory:
+        asked, used = format_bytes(usage.requested_memory), format_bytes(usage.peak_memory)
+        if usage.memory_use >= 0.9:
+            advice.append(f"used {used} of {asked}: ask for more (--mem {_memory_flag(usage.peak_memory * 1.5)})")
+        elif usage.memory_use < 0.5:
+            advice.append(f"asked {asked}, used {used}: --mem {_memory_flag(usage.peak_memory * 1.25)} would do")
+    if usage.time_limit:
+        asked_time, took = format_seconds(usage.time_limit), format_seconds(usage.elapsed)
+        if usage.status is JobStatus.TIMEOUT:
+            advice.append(f"hit its {asked_time} limit: ask for more (--time {math.ceil(usage.time_limit / 30)})")
+        elif usage.status.is_finished and usage.time_limit >= 600 and usage.elapsed < usage.time_limit / 4:
+            advice.append(f"asked {asked_time}, took {took}: --time {math.ceil(usage.elapsed * 1.5 / 60)} would do")
+    efficiency = usage.cpu_efficiency
+    if usage.status.is_finished and usage.peak_memory is None and usage.steps:
+        advice.append("sacct recorded no memory figure (steps shorter than the cluster's sampling interval)")
+    if usage.status.is_finished and efficiency is not None and usage.cpus > 1 and efficiency < 0.5:
+        busy = max(1, math.ceil(usage.total_cpu / usage.elapsed))
+        advice.append(f"{usage.cpus} CPUs, {efficiency:.0%} busy: --cpus {busy} would do")
+    if not usage.status.is_finished:
+        advice.insert(0, "still running, figures so far")
+    return "; ".join(advice) or "its requests fit what it used"
+
+
+def usage_settled(stdout: str) -> bool:
+    r"""Whether sacct has recorded the end of every job and step in its output. Just after a job's end, sacct may
+    show it ended without its steps (a job that ran has at least its batch step; one cancelled before it started
+    has none), or with its requested memory still unknown (``16?``).
+
+    >>> usage_settled("7|COMPLETED|0:0|00:00:03|||||1G|1\n"), usage_settled("8|CANCELLED|0:0|00:00:00|||||1G|1\n")
+    (False, True)
+    """
+    rows = [line.split("|") for line in stdout.splitlines() if line.count("|") == USAGE_FIELDS.count(",")]
+    if not rows or not all(JobStatus.parse(row[1]).is_finished for row in rows):
+        return False
+    with_steps = {row[0].partition(".")[0] for row in rows if "." in row[0]}
+    return all(
+        (row[0] in with_steps or not parse_slurm_duration(row[3])) and parse_slurm_memory(row[8]) is not None
+        for row in rows
+        if "." not in row[0]
+    )
+
+
 # ======================================================================================================================
 # Local state: config file, job history, keyring, legacy credentials
 # ======================================================================================================================
@@ -1129,6 +1355,7 @@ PROFILE_KEYS = {
     "partition": "default partition",
     "account": "default account",
     "control_persist": "seconds an idle connection stays open",
+    "notify": "true: a desktop notification when a job waited for ends (as --notify)",
 }
 
 
@@ -1153,6 +1380,7 @@ class Profile:
         account: str | None = None,
         control_persist: int = DEFAULT_CONTROL_PERSIST,
         legacy_credentials: str | None = None,
+        notify: bool = False,
     ) -> None:
         self.name = name
         self.host = host
@@ -1169,6 +1397,7 @@ class Profile:
         self.partition = partition
         self.account = account
         self.control_persist = control_persist
+        self.notify = notify
         self.legacy_credentials = legacy_credentials  # a legacy file that still holds a plaintext password
 
     @property
@@ -1300,6 +1529,8 @@ def load_config(path: Path | None = None) -> Config:
         try:
             if not isinstance(settings.get("ssh_options", []), list):
                 raise UsageError("ssh_options must be a list such as [ProxyJump=gateway]")
+            if not isinstance(settings.get("notify", False), bool):
+                raise UsageError("notify must be true or false")
             profile = Profile(name=str(name), **settings)
             if profile.port is not None:
                 profile.port = _check_int("port", profile.port)
@@ -1555,6 +1786,70 @@ def import_legacy_credentials(path: Path, name: str | None, config: Config) -> P
         rest = {key: value for key, value in data.items() if key != "password"}
         write_legacy_credentials(path, rest)
     return profile
+
+
+def end_notice(infos: Sequence[JobInfo], server_name: str) -> tuple[str, str]:
+    """The title and text of the notice that jobs have ended.
+
+    >>> end_notice([JobInfo("42", JobStatus.FAILED, 3, 0, name="fit")], "lab")
+    ('sl-forgery: job 42 FAILED', 'fit on lab, exit code 3')
+    """
+    if len(infos) == 1:
+        info = infos[0]
+        code = f", exit code {info.exit_code}" if info.exit_code is not None else ""
+        return f"{APP_NAME}: job {info.job_id} {info.status}", f"{info.name or 'job'} on {server_name}{code}"
+    counts = collections.Counter(str(info.status) for info in infos)
+    summary = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+    return f"{APP_NAME}: {len(infos)} jobs ended", f"{summary} on {server_name}"
+
+
+def desktop_notifier_argv(title: str, text: str, platform: str, notify_send: str | None) -> list[str] | None:
+    r"""The local command that shows a desktop notification: notify-send on Linux (when installed), osascript on
+    macOS, None elsewhere.
+
+    >>> desktop_notifier_argv("T", 'say "hi"', "darwin", None)[-1]
+    'display notification "say \\"hi\\"" with title "T"'
+    """
+    if platform.startswith("linux") and notify_send:
+        return [notify_send, f"--app-name={APP_NAME}", title, text]
+    if platform == "darwin":
+
+        def quoted(value: str) -> str:
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        return ["osascript", "-e", f"display notification {quoted(text)} with title {quoted(title)}"]
+    return None
+
+
+def notify_desktop(title: str, text: str) -> str | None:
+    """Show a desktop notification on this machine; None when shown, else why not (for a one-line note)."""
+    import shutil
+
+    argv = desktop_notifier_argv(title, text, sys.platform, shutil.which("notify-send"))
+    if argv is None:
+        return "no desktop notifier here (notify-send on Linux, osascript on macOS)"
+    try:
+        result = _run(argv, timeout=15)
+    except (OSError, SSHError) as error:
+        return f"{argv[0]} failed: {error}"
+    if result.returncode != 0:
+        return f"{Path(argv[0]).name} exited {result.returncode}: {result.stderr.strip()[:200]}"
+    return None
+
+
+def run_on_end(command: str, info: JobInfo) -> int:
+    """Run a user's command through their own shell on this machine, told the job's end in its environment;
+    returns its exit code. Its output goes where sl-forgery's goes."""
+    import subprocess
+
+    environment = {
+        **os.environ,
+        "SL_FORGERY_JOB_ID": info.job_id,
+        "SL_FORGERY_STATE": info.status.value,
+        "SL_FORGERY_EXIT_CODE": "" if info.exit_code is None else str(info.exit_code),
+    }
+    shell = os.environ.get("SHELL") or "/bin/sh"
+    return subprocess.run([shell, "-c", command], env=environment, stdin=subprocess.DEVNULL).returncode
 
 
 # ======================================================================================================================
@@ -2576,6 +2871,38 @@ class Server:
         flag = "-p " if parents else ""
         self.connection.run(f"mkdir {flag}-- {shlex.quote(os.fspath(remote_path))}", what=f"creating {remote_path}")
 
+    # -- efficiency report ------------------------------------------------------------------------------------------
+
+    def report(self, job_ids: object, settle: float = 0.0) -> dict[str, JobUsage]:
+        """What each job used of what it asked for, from one sacct call that sees every step; an array's id gives
+        one entry per task. A job sacct does not know raises `UnknownJobError`. With ``settle`` (seconds), a job
+        that has just ended is asked about again, for at most that long, until sacct has recorded each step's end.
+        """
+        ids = _job_ids(job_ids)
+        command = shlex.join(["sacct", "-n", "-P", "-j", ",".join(ids), "-o", USAGE_FIELDS])
+        deadline = time.monotonic() + settle
+        pause = 0.25
+        while True:
+            result = self.connection.run(command, check=False, what="sacct")
+            self.scheduler_queries += 1
+            if result.returncode != 0:
+                raise SlurmError(
+                    self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="sacct"
+                )
+            if usage_settled(result.stdout) or time.monotonic() + pause > deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+        usages = parse_sacct_usage(result.stdout)
+        unknown = [job_id for job_id in ids if not _task_ids(job_id, usages)]
+        if unknown:
+            jobs = f"jobs {', '.join(unknown)} are" if len(unknown) > 1 else f"job {unknown[0]} is"
+            raise UnknownJobError(
+                f"{jobs} unknown to sacct on {self.profile.name!r}: check the id (a job just submitted appears "
+                "within seconds)"
+            )
+        return {task_id: usages[task_id] for job_id in ids for task_id in _task_ids(job_id, usages)}
+
 
 # ======================================================================================================================
 # Command line
@@ -2599,6 +2926,24 @@ _JOB_STATE_SCHEMA = {
         "time_left": {"type": "string"},
     },
 }
+_USAGE_FIELD_TYPES = {
+    "job_id": "string",
+    "state": "string",
+    "finished": "boolean",
+    "exit_code": ("integer", "null"),
+    "signal": ("integer", "null"),
+    "elapsed_seconds": "number",
+    "time_limit_seconds": ("number", "null"),
+    "time_used": ("number", "null"),
+    "cpus": "integer",
+    "total_cpu_seconds": "number",
+    "cpu_efficiency": ("number", "null"),
+    "peak_memory_bytes": ("integer", "null"),
+    "requested_memory_bytes": ("integer", "null"),
+    "memory_used": ("number", "null"),
+    "steps": "integer",
+    "suggestion": "string",
+}
 # The documents printed by --json: a stable contract; new fields may be added, none removed or renamed.
 JSON_SCHEMAS = {
     "jobs": {  # status, wait, queue
@@ -2618,6 +2963,23 @@ JSON_SCHEMAS = {
                     "properties": {
                         **{field: {"type": "string"} for field in JobRecord._fields},
                         "submitted": {"type": "number"},
+                    },
+                },
+            }
+        },
+    },
+    "report": {
+        "type": "object",
+        "required": ["jobs"],
+        "properties": {
+            "jobs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": list(_USAGE_FIELD_TYPES),
+                    "properties": {
+                        field: {"type": kind} if isinstance(kind, str) else {"type": list(kind)}
+                        for field, kind in _USAGE_FIELD_TYPES.items()
                     },
                 },
             }
@@ -2756,16 +3118,72 @@ def _show_error_tail(server: Server, infos: Iterable[JobInfo], lines: int = 15) 
             print(tail.rstrip("\n"), file=sys.stderr)
 
 
-def _wait_and_report(server: Server, job_ids: Sequence[str], args: Any) -> int:
+def _check_end_flags(args: Any) -> None:
+    """--notify, --on-end and --report act when waited-for jobs end: on run and submit they need --wait."""
+    if getattr(args, "wait", True):
+        return
+    for flag, value in (("--notify", args.notify), ("--on-end", args.on_end), ("--report", args.report)):
+        if value:
+            raise UsageError(f"{flag} acts when the job ends: add --wait")
+
+
+def _announce_end(server: Server, infos: Sequence[JobInfo], args: Any) -> None:
+    """A desktop notification (--notify, or the profile's ``notify``) and the --on-end command, once jobs ended."""
+    notify = args.notify if args.notify is not None else server.profile.notify
+    if notify:
+        title, text = end_notice(infos, server.profile.name)
+        problem = notify_desktop(title, text)
+        if problem:
+            print(f"{APP_NAME}: note: {problem}; {title.removeprefix(APP_NAME + ': ')}: {text}", file=sys.stderr)
+    if args.on_end:
+        for info in infos:
+            code = run_on_end(args.on_end, info)
+            if code != 0:
+                print(f"{APP_NAME}: warning: the --on-end command exited {code} for job {info.job_id}", file=sys.stderr)
+
+
+def _print_report(usages: Iterable[JobUsage]) -> None:
+    usages = list(usages)
+    rows = [
+        [
+            usage.job_id,
+            usage.status,
+            "-" if usage.exit_code is None else usage.exit_code,
+            format_seconds(usage.elapsed),
+            "none" if usage.time_limit is None else format_seconds(usage.time_limit),
+            usage.cpus,
+            "-" if usage.cpu_efficiency is None else f"{usage.cpu_efficiency:.0%}",
+            "-" if usage.peak_memory is None else format_bytes(usage.peak_memory),
+            "-" if usage.requested_memory is None else format_bytes(usage.requested_memory),
+        ]
+        for usage in usages
+    ]
+    _print_table(["JOBID", "STATE", "EXIT", "ELAPSED", "LIMIT", "CPUS", "CPU USE", "PEAK MEM", "ASKED MEM"], rows)
+    for usage in usages:
+        print(f"{usage.job_id}: {usage.suggestion}")
+
+
+def _wait_and_report(
+    server: Server, job_ids: Sequence[str], args: Any, show_output: Callable[[], None] | None = None
+) -> int:
     progress = Progress(quiet=args.quiet)
     try:
         infos = server.wait(job_ids, timeout=getattr(args, "timeout", None), on_change=progress)
     except KeyboardInterrupt:
         print(f"\n{APP_NAME}: interrupted; the job(s) keep running: {' '.join(job_ids)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    _announce_end(server, list(infos.values()), args)
+    usages = server.report(job_ids, settle=REPORT_SETTLE) if args.report else None
     if getattr(args, "json", False):
-        _print_json({"jobs": [info.to_json() for info in infos.values()]})
+        document: dict[str, Any] = {"jobs": [info.to_json() for info in infos.values()]}
+        if usages is not None:
+            document["report"] = [usage.to_json() for usage in usages.values()]
+        _print_json(document)
     _show_error_tail(server, infos.values())
+    if show_output:
+        show_output()
+    if usages is not None and not getattr(args, "json", False):
+        _print_report(usages.values())
     return exit_code_for(infos.values())
 
 
@@ -2802,6 +3220,7 @@ def cmd_submit(args: Any) -> int:
     own_name = script_directive(script, "job-name", "J")
     name = args.name or own_name or path.stem
     sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
+    _check_end_flags(args)
     if args.dry_run:
         server = _dry_run_server(args)
         workdir = args.workdir or server.default_job_directory(name, home=DRY_RUN_HOME)
@@ -2821,6 +3240,7 @@ def cmd_run(args: Any) -> int:
     if not command:
         raise UsageError("no command given; usage: sl-forgery run [OPTIONS] -- COMMAND [ARGS...]")
     _check_resource_flags(args)
+    _check_end_flags(args)
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
     profile = server.profile
     name = args.name or Path(command[0]).name
@@ -2847,18 +3267,29 @@ def cmd_run(args: Any) -> int:
     print(job.job_id, flush=True)
     if not args.wait:
         return EXIT_OK
-    code = _wait_and_report(server, [job.job_id], args)
-    if code != EXIT_INTERRUPTED:
+
+    def show_output() -> None:
         try:
-            sys.stdout.write(server.read_file(expand_log_pattern(job.output_log, job.job_id, job.job_name)))
+            sys.stdout.write(server.read_file(expand_log_pattern(job.output_log, job.job_id or "", job.job_name)))
         except CommandError as error:
             print(f"{APP_NAME}: warning: cannot read the output log: {error.summary}", file=sys.stderr)
-    return code
+
+    return _wait_and_report(server, [job.job_id], args, show_output)
 
 
 def cmd_wait(args: Any) -> int:
     server = _open_server(args)
     return _wait_and_report(server, _job_ids(args.job_ids), args)
+
+
+def cmd_report(args: Any) -> int:
+    server = _open_server(args)
+    usages = server.report(args.job_ids)
+    if args.json:
+        _print_json({"jobs": [usage.to_json() for usage in usages.values()]})
+    else:
+        _print_report(usages.values())
+    return EXIT_OK
 
 
 def _recent_ids(server: Server, count: int = 10) -> list[str]:
@@ -3536,14 +3967,27 @@ def get_parser() -> Any:
         sub.set_defaults(handler=handler)
         return sub
 
-    sub = command("submit", cmd_submit, "submit a local batch script; prints the job id")
+    end_options = argparse.ArgumentParser(add_help=False)
+    group = end_options.add_argument_group("when the jobs end")
+    group.add_argument(
+        "--notify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a desktop notification here (default: the profile's notify setting)",
+    )
+    group.add_argument(
+        "--on-end", metavar="CMD", help="run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE"
+    )
+    group.add_argument("--report", action="store_true", help="print what each job used of what it asked for")
+
+    sub = command("submit", cmd_submit, "submit a local batch script; prints the job id", end_options)
     sub.add_argument("script", metavar="SCRIPT").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     _add_resource_options(sub)
     sub.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its code")
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
     sub.add_argument("--dry-run", action="store_true", help="print what would be submitted; connect to nothing")
 
-    sub = command("run", cmd_run, "run a command as a batch job, as if it ran here")
+    sub = command("run", cmd_run, "run a command as a batch job, as if it ran here", end_options)
     sub.add_argument("--env", metavar="ENV", help="conda environment to activate")
     _add_resource_options(sub)
     sub.add_argument("--wait", action="store_true", help="follow the job, print its output, exit with its code")
@@ -3551,12 +3995,17 @@ def get_parser() -> Any:
     sub.add_argument("--dry-run", action="store_true", help="print the job script; connect to nothing")
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
-    sub = command("wait", cmd_wait, "wait for jobs to end; exit 0 when all COMPLETED", json_flag)
+    sub = command("wait", cmd_wait, "wait for jobs to end; exit 0 when all COMPLETED", json_flag, end_options)
     sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 124)")
 
     sub = command("status", cmd_status, "state, exit code and reason of jobs (default: your recent jobs)", json_flag)
     sub.add_argument("job_ids", nargs="*", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+
+    sub = command(
+        "report", cmd_report, "elapsed vs limit, CPU use, peak vs asked memory of jobs, with a suggestion", json_flag
+    )
+    sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
 
     sub = command("cancel", cmd_cancel, "cancel jobs")
     sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 import doctest
 
+import jsonschema
 import pytest
 
 import sl_forgery
@@ -228,3 +229,101 @@ def test_the_original_loop_ends_only_when_a_job_has_ended():
             assert coarse is status
         else:
             assert coarse in (JobStatus.PENDING, JobStatus.RUNNING), status
+
+
+# ---- efficiency report and end notices ------------------------------------------------------------------------------
+
+# What sacct printed on the test cluster for a job with two srun steps and work in its batch step (steps included).
+SACCT_MULTI_STEP = """\
+76|COMPLETED|0:0|00:00:06|00:05:00|00:04.068|2||300M|1
+76.batch|COMPLETED|0:0|00:00:06||00:01.693|2|72544K||1
+76.0|COMPLETED|0:0|00:00:03||00:02.373|2|161780K||1
+76.1|COMPLETED|0:0|00:00:01||00:00.001|2|1416K||1
+77_[2-3]|PENDING|0:0|00:00:00|01:00:00|00:00:00|0||1G|1
+77_1|OUT_OF_MEMORY|0:125|00:01:40|01:00:00|01:10.500|1||1G|1
+77_1.batch|OUT_OF_MEMORY|0:125|00:01:40||01:10.500|1|1048000K||1
+77_1.extern|COMPLETED|0:0|00:01:40||00:00:00|1|0||1
+"""
+
+
+def test_usage_counts_cpu_time_and_peak_memory_over_every_step():
+    usages = sl_forgery.parse_sacct_usage(SACCT_MULTI_STEP)
+    assert list(usages) == ["76", "77_1"]
+    job = usages["76"]
+    assert job.steps == 3 and job.cpus == 2 and job.elapsed == 6 and job.time_limit == 300
+    assert job.total_cpu == pytest.approx(1.693 + 2.373 + 0.001)
+    assert job.peak_memory == 161780 * 1024 and job.requested_memory == 300 * 1024**2
+    assert job.cpu_efficiency == pytest.approx(4.067 / (6 * 2))
+    assert job.memory_use == pytest.approx(161780 / (300 * 1024))
+    task = usages["77_1"]
+    assert (task.status, task.exit_code, task.steps) == (JobStatus.OUT_OF_MEMORY, 0, 2)
+    assert task.total_cpu == pytest.approx(70.5) and task.peak_memory == 1048000 * 1024
+    jsonschema.validate({"jobs": [usage.to_json() for usage in usages.values()]}, sl_forgery.JSON_SCHEMAS["report"])
+
+
+def test_sacct_times_and_memory_figures_parse():
+    assert sl_forgery.parse_slurm_duration("2-00:00:01") == 2 * 86400 + 1
+    assert sl_forgery.parse_slurm_duration("01:02:03") == 3723
+    assert sl_forgery.parse_slurm_duration("12:34.5") == 754.5
+    for no_value in ("", "UNLIMITED", "Partition_Limit", "INVALID"):
+        assert sl_forgery.parse_slurm_duration(no_value) is None
+    assert sl_forgery.parse_slurm_memory("1.50G") == 3 * 1024**3 // 2
+    assert sl_forgery.parse_slurm_memory("500Mn", nodes=2) == 1000 * 1024**2
+    assert sl_forgery.parse_slurm_memory("0") == 0 and sl_forgery.parse_slurm_memory("16?") is None
+
+
+def usage(**fields):
+    values = dict(
+        job_id="5",
+        status=JobStatus.COMPLETED,
+        exit_code=0,
+        signal=0,
+        elapsed=3000.0,
+        time_limit=3600.0,
+        cpus=1,
+        total_cpu=2900.0,
+        peak_memory=int(3.6 * 1024**3),
+        requested_memory=4 * 1024**3,
+        steps=2,
+    )
+    values.update(fields)
+    return sl_forgery.JobUsage(**values)
+
+
+def test_suggestions_say_what_was_asked_what_was_used_and_what_would_do():
+    assert usage().suggestion == "its requests fit what it used"
+    assert (
+        usage(requested_memory=50 * 1024**3, peak_memory=int(3.1 * 1024**3)).suggestion
+        == "asked 50 GB, used 3.1 GB: --mem 4 would do"
+    )
+    assert usage(peak_memory=int(3.9 * 1024**3)).suggestion == "used 3.9 GB of 4 GB: ask for more (--mem 6)"
+    assert usage(status=JobStatus.OUT_OF_MEMORY).suggestion == "ran out of its 4 GB: ask for more (--mem 8)"
+    assert usage(status=JobStatus.TIMEOUT, elapsed=3600.0).suggestion == "hit its 1 h limit: ask for more (--time 120)"
+    assert usage(elapsed=300.0, total_cpu=290.0).suggestion == "asked 1 h, took 5 min: --time 8 would do"
+    assert usage(cpus=8, total_cpu=6000.0).suggestion == "8 CPUs, 25% busy: --cpus 2 would do"
+    assert usage(peak_memory=None).suggestion.startswith("sacct recorded no memory figure")
+    assert usage(status=JobStatus.RUNNING, cpus=8, total_cpu=10.0).suggestion.startswith("still running")
+
+
+def test_the_end_notice_names_the_job_its_state_and_exit_code():
+    one = [JobInfo("42", JobStatus.FAILED, 3, 0, name="fit")]
+    assert sl_forgery.end_notice(one, "lab") == ("sl-forgery: job 42 FAILED", "fit on lab, exit code 3")
+    many = [JobInfo("1", JobStatus.COMPLETED, 0), JobInfo("2", JobStatus.COMPLETED, 0), one[0]]
+    assert sl_forgery.end_notice(many, "lab") == ("sl-forgery: 3 jobs ended", "2 COMPLETED, 1 FAILED on lab")
+    linux = sl_forgery.desktop_notifier_argv("T", "x", "linux", "/usr/bin/notify-send")
+    assert linux == ["/usr/bin/notify-send", "--app-name=sl-forgery", "T", "x"]
+    assert sl_forgery.desktop_notifier_argv("T", "x", "linux", None) is None
+    assert sl_forgery.desktop_notifier_argv("T", "x", "win32", None) is None
+    mac = sl_forgery.desktop_notifier_argv('say "hi"', "back\\slash", "darwin", None)
+    assert mac == ["osascript", "-e", 'display notification "back\\\\slash" with title "say \\"hi\\""']
+
+
+def test_a_report_waits_for_sacct_to_record_the_steps_of_a_job_that_ran():
+    job_only = "7|COMPLETED|0:0|00:00:03|00:05:00|00:00:00|1||1G|1\n"
+    assert not sl_forgery.usage_settled(job_only)
+    step_running = job_only + "7.batch|RUNNING|0:0|00:00:03||00:00:00|1|||1\n"
+    assert not sl_forgery.usage_settled(step_running)
+    assert sl_forgery.usage_settled(step_running.replace("RUNNING", "COMPLETED"))
+    assert not sl_forgery.usage_settled(step_running.replace("RUNNING", "COMPLETED").replace("1G", "16?"))
+    assert sl_forgery.usage_settled("8|CANCELLED by 0|0:0|00:00:00|00:05:00|00:00:00|0||1G|1\n")
+    assert not sl_forgery.usage_settled("")
