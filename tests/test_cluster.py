@@ -1,10 +1,15 @@
 """The test bed itself tells the truth: SLURM over SSH with key and password, exit codes, and the conda shim."""
 
+import contextlib
 import os
+import re
 import subprocess
 import time
+import uuid
+from pathlib import Path
 
-from conftest import console_script
+import pytest
+from conftest import CLUSTER, console_script
 
 
 def _sacct_row(cluster, job_id: str, deadline: float = 30) -> str:
@@ -74,3 +79,158 @@ def test_help_and_version_from_the_installed_console_script():
     assert usage.returncode == 0
     for word in ("submit", "wait", "status", "cancel", "logs", "exit codes:"):
         assert word in usage.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The harsher set-ups of real sites: other login shells, a module system, venv and uv, and the variants a test
+# switches on for itself.
+
+
+def _bed() -> dict[str, str]:
+    from conftest import _cluster_env
+
+    return _cluster_env()
+
+
+def _ssh_as(cluster, user: str, command: str, *options: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", "-F", str(cluster.ssh_config), *options, "-l", user, "slfc", command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_users_with_every_login_shell_log_in_with_the_same_key_and_reach_slurm(cluster):
+    shells = dict(entry.split(":", 1)[::-1] for entry in _bed()["SLF_CLUSTER_SHELL_USERS"].split(","))
+    assert {os.path.basename(shell) for shell in shells} == {"bash", "tcsh", "zsh", "fish", "dash"}
+    for shell, user in shells.items():
+        # A command every shell parses the same way.
+        result = _ssh_as(cluster, user, "echo $SHELL")
+        assert result.returncode == 0, (user, result.stderr)
+        assert result.stdout.strip() == shell
+        assert "debug" in _ssh_as(cluster, user, "sinfo -h -o %P").stdout
+    # tcsh really is the shell that runs the command: sh syntax fails there as on a real tcsh account.
+    tcsh_user = shells["/usr/bin/tcsh"]
+    assert _ssh_as(cluster, tcsh_user, "x=1; echo $x").returncode != 0
+
+
+def test_the_module_user_gets_conda_and_uv_only_through_module_load_in_a_batch_job(cluster):
+    bed = _bed()
+    user, module = bed["SLF_CLUSTER_MODULE_USER"], bed["SLF_CLUSTER_MODULE"]
+    assert _ssh_as(cluster, user, "command -v conda || command -v uv").returncode != 0
+    directory = f"{bed['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
+    script = (
+        f"#!/bin/bash\n#SBATCH --output={directory}/out.txt\n#SBATCH --error={directory}/err.txt\nset -e\n"
+        "command -v module || . /etc/profile.d/lmod.sh\n"
+        f"module load {module}\n"
+        'eval "$(conda shell.bash hook)"\nconda activate analysis\nsl-verify-session -sp /m\nuv --version\n'
+    )
+    submitted = _ssh_as(cluster, user, f"mkdir -p {directory} && sbatch --parsable <<'EOF'\n{script}EOF")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert _sacct_row(cluster, job_id) == f"{job_id}|COMPLETED|0:0"
+    output = _ssh_as(cluster, user, f"cat {directory}/out.txt").stdout
+    assert "verified session /m with Python 3" in output
+    assert re.search(r"^uv \d+\.\d+", output, flags=re.MULTILINE)
+
+
+def test_the_venv_and_the_uv_project_are_real_environments(cluster):
+    bed = _bed()
+    venv, project = bed["SLF_CLUSTER_VENV"], bed["SLF_CLUSTER_UV_PROJECT"]
+    prefix = "python -c 'import sys; print(sys.prefix)'"
+    assert cluster.ssh(f". {venv}/bin/activate && {prefix}").stdout.strip() == venv
+    in_project = cluster.ssh(f"uv run --project {project} --frozen -- {prefix}")
+    assert in_project.stdout.strip() == f"{project}/.venv"
+    missing = cluster.ssh(f"uv sync --project {project}-missing --frozen", check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    subprocess.run([str(CLUSTER), "variant", name, "on"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([str(CLUSTER), "variant", name, "off"], check=True, capture_output=True)
+
+
+def test_maxsessions_variant_refuses_a_second_session_over_one_connection(cluster, tmp_path):
+    socket = tmp_path / "m.sock"
+    mux = ["-o", f"ControlPath={socket}", "-o", "ProxyCommand=false"]
+    with _variant("maxsessions"):
+        subprocess.run(
+            ["ssh", "-F", str(cluster.ssh_config), "-o", "ControlMaster=yes", "-o", f"ControlPath={socket}",
+             "-o", "ControlPersist=60", "-fN", "slfc-maxsessions"],
+            check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+        )  # fmt: skip
+        first = subprocess.Popen(
+            ["ssh", "-F", str(cluster.ssh_config), *mux, "slfc-maxsessions", "echo started; sleep 30"],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            assert first.stdout.readline().strip() == "started"
+            second = subprocess.run(
+                ["ssh", "-F", str(cluster.ssh_config), *mux, "slfc-maxsessions", "echo second"],
+                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30,
+            )  # fmt: skip
+            assert second.returncode != 0 and "second" not in second.stdout
+            assert "refused" in second.stderr
+        finally:
+            first.kill()
+            first.wait()
+            subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "slfc-maxsessions"], capture_output=True)
+    # The main sshd still allows more than one session.
+    assert "debug" in cluster.ssh("sinfo -h -o %P").stdout
+
+
+def _askpass_script(path: Path, code_command: str, prompts: Path) -> Path:
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$1" >> {prompts}\n{code_command}\n')
+    path.chmod(0o700)
+    return path
+
+
+def test_otp_variant_asks_a_one_time_code_after_the_key_and_refuses_a_wrong_one(cluster, tmp_path):
+    secret = Path(_bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
+    prompts = tmp_path / "prompts"
+
+    def login(code_command: str) -> subprocess.CompletedProcess:
+        helper = _askpass_script(tmp_path / "askpass", code_command, prompts)
+        env = {**os.environ, "SSH_ASKPASS": str(helper), "SSH_ASKPASS_REQUIRE": "force"}
+        return subprocess.run(
+            ["setsid", "ssh", "-F", str(cluster.ssh_config), "-o", "NumberOfPasswordPrompts=1", "slfc-otp",
+             "echo logged-in"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=30,
+        )  # fmt: skip
+
+    with _variant("otp"):
+        wrong = login("echo 000000")
+        assert wrong.returncode == 255 and "Permission denied (keyboard-interactive)" in wrong.stderr
+        # A code is accepted once; a code of a later 30 s step is valid already.
+        right = login(f"oathtool --totp -N 'now + 60 seconds' {secret}")
+        assert right.returncode == 0, right.stderr
+        assert right.stdout.strip() == "logged-in"
+    assert all("One-time password" in line for line in prompts.read_text().splitlines())
+
+
+@pytest.mark.exclusive
+def test_no_accounting_variant_turns_sacct_off_while_squeue_and_jobs_go_on(cluster):
+    with _variant("no-accounting"):
+        refused = cluster.ssh("sacct -n -X -S now", check=False)
+        assert refused.returncode != 0 and "accounting storage is disabled" in refused.stderr
+        job_id = cluster.ssh("sbatch --parsable --wrap 'exit 3'").stdout.strip()
+        deadline = time.monotonic() + 60
+        while (state := cluster.ssh(f"squeue -h --states=all -j {job_id} -o %T").stdout.strip()) != "FAILED":
+            assert time.monotonic() < deadline, f"job {job_id} is {state}, not FAILED"
+            time.sleep(0.2)
+    assert cluster.ssh("sacct -n -X -S now", check=False).returncode == 0
+
+
+@pytest.mark.exclusive
+def test_sacct_hangs_variant_leaves_sacct_without_an_answer(cluster):
+    with _variant("sacct-hangs"):
+        hung = cluster.ssh("timeout 5 sacct -n -X -S now", check=False)
+        assert hung.returncode == 124
+        assert cluster.ssh("sbatch --parsable --wrap true").stdout.strip().isdigit()
+    assert cluster.ssh("timeout 20 sacct -n -X -S now", check=False).returncode == 0
