@@ -1,17 +1,20 @@
 """Jupyter Lab as a SLURM job on the real cluster, reached through a tunnel over the shared connection."""
 
 import json
+import re
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
+from pathlib import Path
 
 import jsonschema
 import pytest
 
 import sl_forgery
-from conftest import cli, console_script
+from conftest import ROOT, cli, console_script
 
 
 def http_status(url: str) -> int:
@@ -125,3 +128,96 @@ def test_a_job_that_cannot_start_in_time_is_cancelled(profile_name, cluster):
     assert result.returncode == 124 and "did not start within 0.5 s" in result.stderr
     time.sleep(1)
     assert running_jobs(cluster) <= before
+
+
+# ---- as a user meets it: a kernel through the printed URL, and JupyterLab in a browser ------------------------------
+
+ARTEFACTS = ROOT / "test-artefacts"
+
+
+@pytest.fixture
+def detached_jupyter(profile_name):
+    """A Jupyter job started as a user starts it, with the URL the command printed; stopped afterwards."""
+    started = cli("jupyter", "--env", "jupyter", "--cpus", "1", "--mem", "1", "--time", "10", "--detach")
+    assert started.returncode == 0, started.stderr
+    url = started.stdout.strip()
+    job_id = next(entry["job_id"] for entry in json.loads(cli("jupyter", "list", "--json").stdout)["servers"])
+    yield url, job_id
+    cli("jupyter", "stop", job_id)
+
+
+def run_in_kernel(base: str, token: str, kernel_id: str, code: str, timeout: float = 60) -> str:
+    """Execute code in a kernel over its websocket, as JupyterLab does; returns the text of its result."""
+    import websocket
+
+    channel = websocket.create_connection(
+        f"ws://{base.removeprefix('http://')}/api/kernels/{kernel_id}/channels",
+        header=[f"Authorization: token {token}"],
+        timeout=timeout,
+    )
+    try:
+        msg_id = uuid.uuid4().hex
+        header = {"msg_id": msg_id, "msg_type": "execute_request", "session": uuid.uuid4().hex}
+        header.update({"username": "test", "version": "5.3", "date": ""})
+        content = {"code": code, "silent": False, "store_history": False, "user_expressions": {}}
+        content.update({"allow_stdin": False, "stop_on_error": True})
+        message = {"header": header, "parent_header": {}, "metadata": {}, "content": content, "channel": "shell"}
+        channel.send(json.dumps(message))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reply = json.loads(channel.recv())
+            if reply.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if reply["msg_type"] == "execute_result":
+                return reply["content"]["data"]["text/plain"]
+            if reply["msg_type"] == "error":
+                raise AssertionError(f"the kernel raised: {reply['content']['ename']}: {reply['content']['evalue']}")
+        raise AssertionError(f"no result from the kernel within {timeout} s")
+    finally:
+        channel.close()
+
+
+def test_a_kernel_made_through_the_printed_url_runs_code_on_the_jobs_node(detached_jupyter, cluster):
+    url, job_id = detached_jupyter
+    base, token = url.split("/lab?token=")
+    request = urllib.request.Request(
+        f"{base}/api/kernels",
+        data=b"{}",
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        kernel_id = json.load(response)["id"]
+
+    hostname = run_in_kernel(base, token, kernel_id, "import socket; socket.gethostname()")
+    in_job = run_in_kernel(base, token, kernel_id, "import os; os.environ['SLURM_JOB_ID']")
+
+    node = cluster.ssh(f"squeue -h -j {job_id} -o %N").stdout.strip()
+    node_hostname = re.search(r"NodeHostName=(\S+)", cluster.ssh(f"scontrol show node {node}").stdout).group(1)
+    assert hostname == repr(node_hostname)
+    assert in_job == repr(job_id)
+
+
+def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Debian chromium, as root, with a fresh profile and nothing fetched from the internet."""
+    argv = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    argv += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    argv += [f"--user-data-dir={profile}", "--virtual-time-budget=15000", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+def test_the_printed_url_opens_jupyterlab_in_a_browser(detached_jupyter, tmp_path):
+    url, job_id = detached_jupyter
+    page = chromium(tmp_path / "profile-1", "--dump-dom", url)
+    assert page.returncode == 0, page.stderr[-2000:]
+    assert "<title>JupyterLab</title>" in page.stdout and 'id="jp-main-dock-panel"' in page.stdout
+    without_token = chromium(tmp_path / "profile-2", "--dump-dom", url.split("?")[0]).stdout
+    assert "jp-main-dock-panel" not in without_token and 'type="password"' in without_token
+
+    ARTEFACTS.mkdir(exist_ok=True)
+    screenshot = ARTEFACTS / "jupyterlab.png"
+    screenshot.unlink(missing_ok=True)
+    shot = chromium(tmp_path / "profile-3", "--window-size=1280,800", f"--screenshot={screenshot}", url)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (1280).to_bytes(4, "big") + (800).to_bytes(4, "big")
