@@ -307,12 +307,20 @@ def _normalize_sbatch_options(options: Sequence[str] | Mapping[str, object] | No
     return result
 
 
+def check_env_manager(env_manager: object) -> str | None:
+    if env_manager is None or env_manager in ENV_MANAGERS:
+        return env_manager  # type: ignore[return-value]
+    raise UsageError(f"env_manager {env_manager!r} is not one of {', '.join(ENV_MANAGERS)}")
+
+
 class Job:
-    """A batch job: SLURM resources, an optional conda environment, and shell commands run in order.
+    """A batch job: SLURM resources, set-up lines, an optional environment, and shell commands run in order.
 
     ``time_limit`` is in minutes and ``ram_gb`` in GB, as in the original sl-forgery. Paths are absolute paths on
-    the server; log paths may use SLURM's patterns (``%j`` is the job id). The first failing command ends the job
-    with that command's exit code.
+    the server; log paths may use SLURM's patterns (``%j`` is the job id). ``setup`` lines (``module load ...``)
+    run before ``conda_environment`` is activated: a conda environment's name, or the path of a venv, a conda
+    prefix, a uv or a pixi project; ``env_manager`` (conda, mamba, micromamba, venv, uv or pixi) says which when
+    the value alone does not. The first failing command ends the job with that command's exit code.
     """
 
     def __init__(
@@ -335,6 +343,8 @@ class Job:
         dependency: str | Sequence[str | int] | None = None,
         environment: Mapping[str, str] | None = None,
         sbatch_options: Sequence[str] | Mapping[str, object] | None = None,
+        setup: Sequence[str] | None = None,
+        env_manager: str | None = None,
     ) -> None:
         self.job_name = _check_text("job_name", job_name)
         self.output_log = _remote_path("output_log", output_log)
@@ -369,6 +379,12 @@ class Job:
                 raise UsageError(f"environment variable name {name!r} is not a valid shell name")
             _check_text(f"environment variable {name}", value, allow_empty=True)
         self.sbatch_options = _normalize_sbatch_options(sbatch_options)
+        if isinstance(setup, str):
+            raise UsageError("setup must be a list of shell lines, not one string")
+        self.setup = [_check_text("a set-up line", line) for line in setup or []]
+        self.env_manager = check_env_manager(env_manager)
+        if self.env_manager is not None and self.conda_environment is None:
+            raise UsageError(f"env_manager {self.env_manager!r} needs an environment to activate (conda_environment)")
         self.commands: list[str] = []
         self.job_id: str | None = None
 
@@ -430,24 +446,186 @@ def render_exit_record() -> list[str]:
     ]
 
 
-def render_conda_activation(environment: str) -> list[str]:
-    """Activate a conda environment the way conda's own shell hook does it, never through ``conda init``."""
-    quoted = shlex.quote(environment)
+ENV_MANAGERS = ("conda", "mamba", "micromamba", "venv", "uv", "pixi")
+
+# Each manager's documented shell hook: its output, evaluated, defines the function that activates.
+_SHELL_HOOKS = {
+    "conda": "conda shell.bash hook",
+    "mamba": "mamba shell hook --shell bash",
+    "micromamba": "micromamba shell hook --shell bash",
+}
+
+# Where module systems keep the init that defines `module` (Lmod on Debian and RHEL, Environment Modules), which a
+# batch shell lacks unless the site's login scripts exported it.
+MODULE_INIT_SCRIPTS = (
+    "/etc/profile.d/lmod.sh",
+    "/etc/profile.d/z00_lmod.sh",
+    "/etc/profile.d/modules.sh",
+    "/usr/share/lmod/lmod/init/bash",
+    "/usr/share/Modules/init/bash",
+    "/usr/share/modules/init/bash",
+)
+
+_MODULE_COMMAND_RE = re.compile(r"(?:^|[;&|({]\s*)(?:module|ml)(?:\s|$)")
+
+
+def _shell_path(path: str) -> str:
+    """A path quoted for the shell, with a leading ``~/`` left to the remote shell's $HOME.
+
+    >>> print(_shell_path("~/envs/my env"))
+    "$HOME"/'envs/my env'
+    """
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _is_path(environment: str) -> bool:
+    return "/" in environment or environment.startswith(("~", "."))
+
+
+def infer_env_manager(environment: str, env_manager: str | None = None) -> str | None:
+    """The manager that activates ``environment``: the one named, conda for a name, and ``None`` for a path,
+    which the job script tells apart on the node (a venv, a conda prefix, a pixi or a uv project).
+
+    >>> infer_env_manager("analysis"), infer_env_manager("/opt/venv"), infer_env_manager("/p", "pixi")
+    ('conda', None, 'pixi')
+    """
+    if env_manager is not None:
+        return env_manager
+    return None if _is_path(environment) else "conda"
+
+
+# The node as squeue names it, in a job script.
+_NODE_NAME = "${SLURMD_NODENAME:-$(hostname)}"
+
+
+def _fail(message: str) -> str:
+    """A shell group that ends the job with one line on stderr naming the node; ``message`` is shell words."""
+    return f'{{ echo "sl-forgery:" {message} "on {_NODE_NAME}" >&2; exit 1; }}'
+
+
+def render_setup(lines: Sequence[str], module_inits: Sequence[str] = MODULE_INIT_SCRIPTS) -> list[str]:
+    """Shell lines for a job's set-up, run in order before its environment is activated.
+
+    A line that uses ``module`` (or Lmod's ``ml``) gets the module system first: its init is sourced when the batch
+    shell lacks the ``module`` function, and the job fails with one line when there is none. Each set-up line that
+    fails ends the job with its exit code and a line naming it. POSIX sh, so that it also fits a user's own script.
+    """
+    result: list[str] = []
+    if any(_MODULE_COMMAND_RE.search(line.strip()) for line in lines):
+        inits = " ".join(shlex.quote(path) for path in module_inits)
+        result += [
+            "if ! command -v module >/dev/null 2>&1; then",
+            "    set +e",  # the init scripts are not written for set -e
+            f"    for __slf_init in {inits}; do",
+            '        if [ -r "$__slf_init" ]; then . "$__slf_init" >/dev/null; break; fi',
+            "    done",
+            "    set -e",
+            "fi",
+            "command -v module >/dev/null 2>&1 || "
+            + _fail(f"\"no module system: 'module' is not defined and none of {' '.join(module_inits)} exists\""),
+        ]
+    for line in lines:
+        quoted = shlex.quote(line)
+        result += [
+            "{",
+            line,
+            f'}} || {{ __slf_rc=$?; echo "sl-forgery: set-up line failed (exit $__slf_rc) on {_NODE_NAME}:" '
+            f"{quoted} >&2; exit $__slf_rc; }}",
+        ]
+    return result
+
+
+def _hook_activation(manager: str, environment: str) -> list[str]:
+    hook = _SHELL_HOOKS[manager]
     return [
-        '__slf_hook="$(conda shell.bash hook)" || '
-        "{ echo \"sl-forgery: conda is not available on $(hostname) ('conda shell.bash hook' failed)\" >&2; exit 1; }",
+        f'__slf_hook="$({hook})" || ' + _fail(f"\"{manager} is not available ('{hook}' failed)\""),
         'eval "$__slf_hook"',
-        f"conda activate {quoted} || "
-        f'{{ echo "sl-forgery: cannot activate conda environment" {quoted} "on $(hostname)" >&2; exit 1; }}',
+        f"{manager} activate {_shell_path(environment)} || "
+        + _fail(f'"cannot activate {manager} environment" {shlex.quote(environment)}'),
+    ]
+
+
+def _venv_activation(environment: str, manager: str = "venv") -> list[str]:
+    return [
+        f". {_shell_path(environment)}/bin/activate || "
+        + _fail(f'"cannot activate {manager} environment" {shlex.quote(environment)}'),
+    ]
+
+
+def _uv_activation(environment: str) -> list[str]:
+    """A venv made by uv is activated as one; a uv project is synced from its lock file (a no-op when it is up to
+    date, never a new resolution) and its environment activated."""
+    path = _shell_path(environment)
+    return [
+        f"if [ -f {path}/bin/activate ]; then",
+        *("    " + line for line in _venv_activation(environment, "uv")),
+        "else",
+        f"    uv sync --project {path} --frozen --quiet || "
+        + _fail(f'"cannot sync the uv project" {shlex.quote(environment)}'),
+        f'    . "${{UV_PROJECT_ENVIRONMENT:-{path}/.venv}}/bin/activate" || '
+        + _fail(f'"cannot activate uv environment" {shlex.quote(environment)}'),
+        "fi",
+    ]
+
+
+def _pixi_activation(environment: str) -> list[str]:
+    path = _shell_path(environment)
+    return [
+        f'__slf_hook="$(pixi shell-hook --shell bash --manifest-path {path})" || '
+        + _fail(f'"cannot activate pixi environment" {shlex.quote(environment)}'),
+        'eval "$__slf_hook"',
+    ]
+
+
+def render_activation(environment: str, env_manager: str | None = None) -> list[str]:
+    """Activate ``environment`` with its manager's documented activation, never through ``conda init``.
+
+    Without a manager, a name is a conda environment and a path is told apart on the node: a venv (``bin/activate``),
+    a conda prefix (``conda-meta``), a pixi project (``pixi.toml``) or a uv project (``pyproject.toml``). A missing
+    manager or environment fails the job at once: the manager's own message, then one line naming the node.
+    """
+    manager = infer_env_manager(environment, env_manager)
+    if manager in _SHELL_HOOKS:
+        return _hook_activation(manager, environment)
+    if manager == "venv":
+        return _venv_activation(environment)
+    if manager == "uv":
+        return _uv_activation(environment)
+    if manager == "pixi":
+        return _pixi_activation(environment)
+    path = _shell_path(environment)
+    branches = [
+        (f"[ -f {path}/bin/activate ]", _venv_activation(environment)),
+        (f"[ -d {path}/conda-meta ]", _hook_activation("conda", environment)),
+        (f"[ -f {path}/pixi.toml ]", _pixi_activation(environment)),
+        (f"[ -f {path}/pyproject.toml ]", _uv_activation(environment)),
+    ]
+    lines = []
+    for index, (test, body) in enumerate(branches):
+        lines += [f"{'elif' if index else 'if'} {test}; then", *("    " + line for line in body)]
+    return [
+        *lines,
+        "else",
+        "    "
+        + _fail(
+            f'{shlex.quote(environment)} "is no venv (bin/activate), conda environment (conda-meta), pixi project '
+            '(pixi.toml) or uv project (pyproject.toml); set env_manager"'
+        ),
+        "fi",
     ]
 
 
 def render_job_script(job: Job) -> str:
-    """The bash script of a job: header, exit record, variables, conda activation, then the commands."""
+    """The bash script of a job: header, exit record, variables, set-up, activation, then the commands."""
     lines = ["#!/bin/bash", *render_sbatch_header(job), "", *render_exit_record(), "set -e"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in job.environment.items()]
+    lines += render_setup(job.setup)
     if job.conda_environment is not None:
-        lines += render_conda_activation(job.conda_environment)
+        lines += render_activation(job.conda_environment, job.env_manager)
     lines += ["", *job.commands, ""]
     return "\n".join(lines)
 
@@ -515,6 +693,29 @@ def render_jupyter_commands(job: JupyterJob) -> list[str]:
     ]
 
 
+def _shell_script_body_start(lines: Sequence[str]) -> int | None:
+    """Where the commands of a sh or bash script start (sbatch stops reading directives at the first command), or
+    ``None`` for a script in another language."""
+    if not lines or not re.match(r"^#!\s*\S*/(env\s+)?(ba)?sh\b", lines[0]):
+        return None
+    position = 1
+    while position < len(lines) and (lines[position].startswith("#") or not lines[position].strip()):
+        position += 1
+    return position
+
+
+def inject_setup(script: str, setup: Sequence[str]) -> str:
+    """A user's own sh or bash script with set-up lines (see `render_setup`) after its ``#SBATCH`` block."""
+    if not setup:
+        return script
+    lines = script.splitlines()
+    position = _shell_script_body_start(lines)
+    if position is None:
+        raise UsageError("--setup needs a sh or bash script (#!/bin/sh or #!/bin/bash); put set-up lines in the script")
+    lines[position:position] = render_setup([_check_text("a set-up line", line) for line in setup])
+    return "\n".join(lines) + "\n"
+
+
 def inject_exit_record(script: str) -> str:
     """Add the exit record to a user's own shell script, after its ``#SBATCH`` block (sbatch stops reading
     directives at the first command). Scripts that are not sh or bash are returned unchanged.
@@ -523,11 +724,9 @@ def inject_exit_record(script: str) -> str:
     '#!/usr/bin/env python3\\nprint(1)\\n'
     """
     lines = script.splitlines()
-    if not lines or not re.match(r"^#!\s*\S*/(env\s+)?(ba)?sh\b", lines[0]):
+    position = _shell_script_body_start(lines)
+    if position is None:
         return script
-    position = 1
-    while position < len(lines) and (lines[position].startswith("#") or not lines[position].strip()):
-        position += 1
     lines[position:position] = render_exit_record()
     return "\n".join(lines) + "\n"
 
@@ -1351,7 +1550,9 @@ PROFILE_KEYS = {
     "storage_root": "slow storage root on the server",
     "working_root": "fast working root on the server",
     "shared_directory_name": "shared lab directory under the roots",
-    "conda_environment": "default conda environment for jobs",
+    "conda_environment": "default environment for jobs: a conda environment's name, or a venv, uv or pixi path",
+    "env_manager": "conda, mamba, micromamba, venv, uv or pixi (default: conda for a name, found out for a path)",
+    "setup": "shell lines every job runs before activating its environment, e.g. [module load miniconda3]",
     "partition": "default partition",
     "account": "default account",
     "control_persist": "seconds an idle connection stays open",
@@ -1381,6 +1582,8 @@ class Profile:
         control_persist: int = DEFAULT_CONTROL_PERSIST,
         legacy_credentials: str | None = None,
         notify: bool = False,
+        env_manager: str | None = None,
+        setup: list[str] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -1398,6 +1601,8 @@ class Profile:
         self.account = account
         self.control_persist = control_persist
         self.notify = notify
+        self.env_manager = env_manager
+        self.setup = list(setup or [])
         self.legacy_credentials = legacy_credentials  # a legacy file that still holds a plaintext password
 
     @property
@@ -1531,6 +1736,10 @@ def load_config(path: Path | None = None) -> Config:
                 raise UsageError("ssh_options must be a list such as [ProxyJump=gateway]")
             if not isinstance(settings.get("notify", False), bool):
                 raise UsageError("notify must be true or false")
+            setup = settings.get("setup", [])
+            if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+                raise UsageError("setup must be a list of shell lines such as [module load miniconda3]")
+            check_env_manager(settings.get("env_manager"))
             profile = Profile(name=str(name), **settings)
             if profile.port is not None:
                 profile.port = _check_int("port", profile.port)
@@ -2643,6 +2852,8 @@ class Server:
         partition: str | None = None,
         wait_timeout: float | None = None,
         on_change: Callable[[JobInfo], None] | None = None,
+        setup: Sequence[str] = (),
+        env_manager: str | None = None,
     ) -> JupyterJob:
         """Run Jupyter Lab as a job, wait until it answers through a tunnel to a free local port, and return the job
         with its ``url``. If it cannot start (no jupyterlab in the environment, the job fails, or it is still
@@ -2658,6 +2869,8 @@ class Server:
             jupyter_args,
             partition=partition,
             working_directory=self.default_job_directory(job_name),
+            setup=setup,
+            env_manager=env_manager,
         )
         return self.start_jupyter(job, wait_timeout=wait_timeout, on_change=on_change)
 
@@ -2691,8 +2904,11 @@ class Server:
         *,
         partition: str | None,
         working_directory: str,
+        setup: Sequence[str] = (),
+        env_manager: str | None = None,
     ) -> JupyterJob:
-        """The job `launch_jupyter_server` submits, with this server's partition and account defaults."""
+        """The job `launch_jupyter_server` submits, with this server's partition, account, set-up and environment
+        manager defaults (its set-up lines run first, then ``setup``)."""
         return JupyterJob(
             job_name,
             f"{working_directory}/output.log",
@@ -2707,6 +2923,8 @@ class Server:
             time_limit=time_limit,
             partition=partition or self.profile.partition,
             account=self.profile.account,
+            setup=[*self.profile.setup, *setup],
+            env_manager=env_manager or self.profile.env_manager,
         )
 
     def _await_jupyter(
@@ -3216,7 +3434,7 @@ def cmd_submit(args: Any) -> int:
     path = Path(args.script)
     if not path.is_file():
         raise UsageError(f"script {path} does not exist or is not a file")
-    script = path.read_text(encoding="utf-8")
+    script = inject_setup(path.read_text(encoding="utf-8"), args.setup)
     own_name = script_directive(script, "job-name", "J")
     name = args.name or own_name or path.stem
     sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
@@ -3231,6 +3449,19 @@ def cmd_submit(args: Any) -> int:
     job_id = server.submit_script(script, working_directory=workdir, sbatch_args=sbatch_args, job_name=name)
     print(job_id, flush=True)
     return _wait_and_report(server, [job_id], args) if args.wait else EXIT_OK
+
+
+def _environment_arguments(args: Any, profile: Profile) -> dict[str, Any]:
+    """A job's environment, its manager and set-up lines, from the command line over the profile's defaults."""
+    environment = args.env or profile.conda_environment
+    env_manager = args.env_manager or profile.env_manager
+    if env_manager and not environment:
+        raise UsageError(f"--env-manager {env_manager} needs an environment: pass --env ENV")
+    return {
+        "conda_environment": environment,
+        "env_manager": env_manager if environment else None,
+        "setup": [*profile.setup, *args.setup],
+    }
 
 
 def cmd_run(args: Any) -> int:
@@ -3250,7 +3481,7 @@ def cmd_run(args: Any) -> int:
         f"{workdir}/output.log",
         f"{workdir}/error.log",
         workdir,
-        conda_environment=args.env or profile.conda_environment,
+        **_environment_arguments(args, profile),
         cpus_to_use=1 if args.cpus is None else args.cpus,
         ram_gb=4 if args.mem is None else args.mem,
         time_limit=60 if args.time is None else args.time,
@@ -3540,6 +3771,8 @@ def cmd_server_add(args: Any) -> int:
         working_root=args.working_root,
         shared_directory_name=args.shared_directory_name,
         conda_environment=args.conda_env,
+        env_manager=args.env_manager,
+        setup=args.setup,
         partition=args.partition,
         account=args.account,
     )
@@ -3734,6 +3967,8 @@ def cmd_jupyter(args: Any) -> int:
         args.jupyter_args or "",
         partition=args.partition,
         working_directory=server.default_job_directory("jupyter", home=home),
+        setup=args.setup,
+        env_manager=args.env_manager,
     )
     if args.dry_run:
         return _print_dry_run(
@@ -3931,6 +4166,25 @@ def _add_resource_options(parser: Any) -> None:
     group.add_argument("--workdir", metavar="DIR", help="working directory on the server (created if missing)")
 
 
+def _add_setup_option(parser: Any) -> None:
+    parser.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a shell line run before the environment is activated, e.g. 'module load miniconda3' (repeatable; "
+        "after the profile's own)",
+    )
+
+
+def _add_environment_options(parser: Any, env_help: str) -> None:
+    parser.add_argument("--env", metavar="ENV", help=env_help)
+    parser.add_argument(
+        "--env-manager", choices=ENV_MANAGERS, help="what ENV is (default: conda for a name, found out for a path)"
+    )
+    _add_setup_option(parser)
+
+
 def get_parser() -> Any:
     """The whole command line, built once here; completion scripts are generated from it."""
     import argparse
@@ -3983,12 +4237,13 @@ def get_parser() -> Any:
     sub = command("submit", cmd_submit, "submit a local batch script; prints the job id", end_options)
     sub.add_argument("script", metavar="SCRIPT").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     _add_resource_options(sub)
+    _add_setup_option(sub)
     sub.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its code")
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
     sub.add_argument("--dry-run", action="store_true", help="print what would be submitted; connect to nothing")
 
     sub = command("run", cmd_run, "run a command as a batch job, as if it ran here", end_options)
-    sub.add_argument("--env", metavar="ENV", help="conda environment to activate")
+    _add_environment_options(sub, "environment to activate: a conda environment, or a venv, uv or pixi path")
     _add_resource_options(sub)
     sub.add_argument("--wait", action="store_true", help="follow the job, print its output, exit with its code")
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
@@ -4046,7 +4301,9 @@ def get_parser() -> Any:
     add.add_argument("--storage-root")
     add.add_argument("--working-root")
     add.add_argument("--shared-directory-name")
-    add.add_argument("--conda-env", metavar="ENV", help="default conda environment")
+    add.add_argument("--conda-env", metavar="ENV", help="default environment (conda name, venv, uv or pixi path)")
+    add.add_argument("--env-manager", choices=ENV_MANAGERS, help="what the environments are (default: inferred)")
+    add.add_argument("--setup", action="append", metavar="LINE", help="a shell line every job runs first (repeatable)")
     add.add_argument("--partition")
     add.add_argument("--account")
     secret = add.add_mutually_exclusive_group()
@@ -4087,7 +4344,9 @@ def get_parser() -> Any:
     action.add_argument("--name", help="profile name (default: the host)")
 
     sub = command("jupyter", cmd_jupyter, "run Jupyter Lab as a job and print a URL that works here", json_flag)
-    sub.add_argument("-e", "--env", metavar="ENV", help="conda environment with jupyterlab")
+    sub.add_argument("-e", "--env", metavar="ENV", help="environment with jupyterlab (conda name, venv, uv or pixi)")
+    sub.add_argument("--env-manager", choices=ENV_MANAGERS, help="what ENV is (default: conda for a name)")
+    _add_setup_option(sub)
     sub.add_argument("-c", "--cpus", type=int, default=2, metavar="N", help="CPUs (default 2)")
     sub.add_argument("-m", "--mem", type=float, default=32, metavar="GB", help="memory in GB (default 32)")
     sub.add_argument("-t", "--time", type=int, default=240, metavar="MIN", help="time limit in minutes (default 240)")

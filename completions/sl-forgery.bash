@@ -9,8 +9,8 @@ _shtab_sl_forgery_server_subparsers=(add list show remove default check setup-ke
 _shtab_sl_forgery_jupyter_subparsers=(list connect stop)
 _shtab_sl_forgery_subparsers=(submit run wait status report cancel logs queue history connect disconnect check doctor server jupyter completion)
 
-_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cpus --mem --time --partition --account --qos --gpus --name --workdir --wait --timeout --dry-run)
-_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --env --cpus --mem --time --partition --account --qos --gpus --name --workdir --wait --timeout --dry-run)
+_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cpus --mem --time --partition --account --qos --gpus --name --workdir --setup --wait --timeout --dry-run)
+_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --env --env-manager --setup --cpus --mem --time --partition --account --qos --gpus --name --workdir --wait --timeout --dry-run)
 _shtab_sl_forgery_wait_option_strings=(-h --help -s --server -v --verbose -q --quiet --json --notify --no-notify --on-end --report --timeout)
 _shtab_sl_forgery_status_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
 _shtab_sl_forgery_report_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
@@ -22,7 +22,7 @@ _shtab_sl_forgery_connect_option_strings=(-h --help -s --server -v --verbose -q 
 _shtab_sl_forgery_disconnect_option_strings=(-h --help -s --server -v --verbose -q --quiet)
 _shtab_sl_forgery_check_option_strings=(-h --help -s --server -v --verbose -q --quiet)
 _shtab_sl_forgery_doctor_option_strings=(-h --help -s --server -v --verbose -q --quiet)
-_shtab_sl_forgery_server_add_option_strings=(-h --help -s --server -v --verbose -q --quiet --host --user --port --identity-file --ssh-config --ssh-option --storage-root --working-root --shared-directory-name --conda-env --partition --account --password --password-stdin --accept-host-key --default --replace)
+_shtab_sl_forgery_server_add_option_strings=(-h --help -s --server -v --verbose -q --quiet --host --user --port --identity-file --ssh-config --ssh-option --storage-root --working-root --shared-directory-name --conda-env --env-manager --setup --partition --account --password --password-stdin --accept-host-key --default --replace)
 _shtab_sl_forgery_server_list_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
 _shtab_sl_forgery_server_show_option_strings=(-h --help -s --server -v --verbose -q --quiet)
 _shtab_sl_forgery_server_remove_option_strings=(-h --help -s --server -v --verbose -q --quiet)
@@ -34,7 +34,7 @@ _shtab_sl_forgery_server_option_strings=(-h --help -s --server -v --verbose -q -
 _shtab_sl_forgery_jupyter_list_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
 _shtab_sl_forgery_jupyter_connect_option_strings=(-h --help -s --server -v --verbose -q --quiet)
 _shtab_sl_forgery_jupyter_stop_option_strings=(-h --help -s --server -v --verbose -q --quiet)
-_shtab_sl_forgery_jupyter_option_strings=(-h --help -s --server -v --verbose -q --quiet --json -e --env -c --cpus -m --mem -t --time -p --port --dir --partition --jupyter-args --wait-timeout --detach --open --dry-run)
+_shtab_sl_forgery_jupyter_option_strings=(-h --help -s --server -v --verbose -q --quiet --json -e --env --env-manager --setup -c --cpus -m --mem -t --time -p --port --dir --partition --jupyter-args --wait-timeout --detach --open --dry-run)
 _shtab_sl_forgery_completion_option_strings=(-h --help -s --server -v --verbose -q --quiet)
 _shtab_sl_forgery_option_strings=(-h --help -s --server -v --verbose -q --quiet --version)
 
@@ -112,8 +112,11 @@ _shtab_sl_forgery_completion___server_COMPGEN=_sl_forgery_servers
 _shtab_sl_forgery__s_COMPGEN=_sl_forgery_servers
 _shtab_sl_forgery___server_COMPGEN=_sl_forgery_servers
 
+_shtab_sl_forgery_run___env_manager_choices=(conda mamba micromamba venv uv pixi)
+_shtab_sl_forgery_server_add___env_manager_choices=(conda mamba micromamba venv uv pixi)
 _shtab_sl_forgery_server_pos_0_choices=(add list show remove default check setup-key import)
 _shtab_sl_forgery_jupyter_pos_0_choices=(list connect stop)
+_shtab_sl_forgery_jupyter___env_manager_choices=(conda mamba micromamba venv uv pixi)
 _shtab_sl_forgery_completion_pos_0_choices=(bash zsh fish)
 _shtab_sl_forgery_pos_0_choices=(submit run wait status report cancel logs queue history connect disconnect check doctor server jupyter completion)
 

@@ -51,6 +51,7 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l qos -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l gpus -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l name -x -d 'job name'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l workdir -x -d 'working directory on the server (created if missing)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l wait -d 'follow the job to its end and exit with its code'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l timeout -x -d 'with --wait: give up after this long (exit 124)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l dry-run -d 'print what would be submitted; connect to nothing'
@@ -61,7 +62,9 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from run' -s q -l quiet -d 'no
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l notify -l no-notify -d 'a desktop notification here (default: the profile\'s notify setting)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l report -d 'print what each job used of what it asked for'
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env -x -d 'conda environment to activate'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env -x -d 'environment to activate: a conda environment, or a venv, uv or pixi path'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what ENV is (default: conda for a name, found out for a path)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l cpus -x -d 'CPUs per task'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l mem -x -d 'memory in GB'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l time -x -d 'time limit in minutes'
@@ -161,7 +164,9 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_s
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l storage-root -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l working-root -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l shared-directory-name -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l conda-env -x -d 'default conda environment'
+complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l conda-env -x -d 'default environment (conda name, venv, uv or pixi path)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what the environments are (default: inferred)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l setup -x -d 'a shell line every job runs first (repeatable)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l partition -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l account -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l password -d 'prompt for a password and keep it in the OS keyring'
@@ -211,7 +216,9 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s s -l server -
 complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s v -l verbose -d 'show the ssh commands and full error details'
 complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s q -l quiet -d 'no progress on stderr'
 complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -l json -d 'one JSON document on stdout'
-complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s e -l env -x -d 'conda environment with jupyterlab'
+complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s e -l env -x -d 'environment with jupyterlab (conda name, venv, uv or pixi)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what ENV is (default: conda for a name)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s c -l cpus -x -d 'CPUs (default 2)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s m -l mem -x -d 'memory in GB (default 32)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from jupyter' -s t -l time -x -d 'time limit in minutes (default 240)'
