@@ -56,6 +56,7 @@ KEYRING_SERVICE = "sl-forgery"
 DEFAULT_PORT = 22
 DEFAULT_CONTROL_PERSIST = 600  # seconds an idle master stays up
 DEFAULT_CALL_TIMEOUT = 120.0  # seconds any one ssh call may take
+ACCOUNTING_CHECK_TIMEOUT = 15.0  # seconds doctor gives sacct before it calls accounting unresponsive
 SERVER_ALIVE_INTERVAL = 15
 REMOTE_RECORD_DIR = ".sl-forgery"  # inside a job's working directory: uploaded scripts and exit records
 JOBS_ROOT_NAME = "sl-forgery-jobs"  # default parent of job working directories on the server
@@ -1918,7 +1919,7 @@ def read_legacy_credentials(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}{where}: not valid YAML; recreate it with 'sl-create-server-credentials'") from None
     if not isinstance(data, dict) or not data.get("host") or not data.get("username"):
         raise ConfigError(f"{path} is not a server credentials file (it needs at least 'host' and 'username')")
-    unknown = set(data) - set(LEGACY_FIELDS) - {"port"}
+    unknown = set(data) - set(LEGACY_FIELDS) - {"port", "key_login"}
     if unknown:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} in a server credentials file")
     return data
@@ -1933,7 +1934,7 @@ def _legacy_profile(data: Mapping[str, Any], name: str | None) -> Profile:
         storage_root=data.get("storage_root"),
         working_root=data.get("working_root"),
         shared_directory_name=data.get("shared_directory_name"),
-        password_in_keyring=not data.get("password"),
+        password_in_keyring=not data.get("password") and not data.get("key_login"),
     )
 
 
@@ -1958,7 +1959,8 @@ def write_legacy_credentials(path: Path, fields: Mapping[str, Any]) -> None:
     """Write a ``server_credentials.yaml`` in the original layout, without any password."""
     import yaml
 
-    data = {key: fields[key] for key in LEGACY_FIELDS if key != "password" and fields.get(key) is not None}
+    keys = (*LEGACY_FIELDS, "key_login")
+    data = {key: fields[key] for key in keys if key != "password" and fields.get(key) is not None}
     write_private_file(path, yaml.safe_dump(data, sort_keys=False))
 
 
@@ -3665,38 +3667,100 @@ def _say(args: Any, message: str) -> int:
     return EXIT_OK
 
 
-SERVER_CHECKS = (
-    ("slurm", "sinfo --version", "put the SLURM client commands on the PATH of a non-interactive login"),
-    (
-        "accounting",
-        "sacct -n -X -S now -o JobID",
-        "ask the admins about accounting; statuses use exit records meanwhile",
-    ),
-    ("conda", "conda --version", "put conda on the PATH of a non-interactive login (e.g. in ~/.bashrc, early)"),
+SERVER_CHECK_NAMES = ("login shell", "slurm", "accounting", "modules", "environment")
+ACCOUNTING_OFF_DETAIL = (
+    "off: states come from squeue and the jobs' exit records; a job squeue has forgotten and that left no record "
+    "reads UNKNOWN"
 )
 
 
+def _login_check(server: Server) -> list[str]:
+    result = server.connection.run("printf '%s\\n' \"$SHELL\"", check=False)
+    shell = (result.stdout.strip().splitlines() or ["?"])[-1]
+    return ["login shell", "ok", f"{shell or '?'} (any login shell works)", ""]
+
+
+def _slurm_check(server: Server) -> list[str]:
+    result = server.connection.run("sinfo --version", check=False)
+    if result.returncode == 0:
+        return ["slurm", "ok", (result.stdout.strip().splitlines() or [""])[0], ""]
+    fix = "put the SLURM client commands on the PATH of a non-interactive login"
+    return ["slurm", "FAIL", (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1], fix]
+
+
+def _accounting_check(server: Server) -> list[str]:
+    name, fix = "accounting", "ask the admins about accounting; statuses use exit records meanwhile"
+    try:
+        result = server.connection.run("sacct -n -X -S now -o JobID", check=False, timeout=ACCOUNTING_CHECK_TIMEOUT)
+    except SSHError as error:
+        if error.returncode != -15:
+            raise
+        return [name, "FAIL", f"sacct gave no answer within {ACCOUNTING_CHECK_TIMEOUT:g} s", fix]
+    if result.returncode == 0:
+        return [name, "ok", "on", ""]
+    if "accounting storage is disabled" in result.stderr:
+        return [name, "ok", ACCOUNTING_OFF_DETAIL, ""]
+    return [name, "FAIL", (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1], fix]
+
+
+def _bash_on_server(server: Server, lines: Sequence[str]) -> subprocess.CompletedProcess:
+    """Run job-script lines under bash on the login node, as a job would run them on its node."""
+    return server.connection.run(shlex.join(["bash", "-c", "\n".join(["set -e", *lines])]), check=False)
+
+
+def _error_summary(result: subprocess.CompletedProcess) -> str:
+    """The first line of a failure's stderr (the failing program's own words) and its last (sl-forgery's line)."""
+    lines = [line.strip() for line in result.stderr.strip().splitlines() if line.strip()]
+    return " / ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else f"exit code {result.returncode}"
+
+
+def _module_check(server: Server) -> list[str]:
+    setup = server.profile.setup
+    needed = bool(setup) and any(_MODULE_COMMAND_RE.search(line.strip()) for line in setup)
+    probe = render_setup(["module --version"])
+    result = _bash_on_server(server, probe)
+    if result.returncode == 0:
+        version = " ".join((result.stderr + result.stdout).split()[:8])
+        return ["modules", "ok", version or "module is defined", ""]
+    if needed:
+        fix = "ask the site how jobs load modules, or drop the module lines from the profile's setup"
+        return ["modules", "FAIL", _error_summary(result), fix]
+    return ["modules", "ok", "none found (not needed: no set-up line uses module)", ""]
+
+
+def _environment_check(server: Server) -> list[str]:
+    profile = server.profile
+    environment = profile.conda_environment
+    if not environment:
+        result = _bash_on_server(server, [*render_setup(profile.setup), "conda --version"])
+        conda = result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else ""
+        found = f"conda found ({conda})" if conda else "no conda found"
+        return ["environment", "ok", f"none set; {found}; needed only for jobs given --env", ""]
+    manager = infer_env_manager(environment, profile.env_manager) or "found from the path"
+    lines = [*render_setup(profile.setup), *render_activation(environment, profile.env_manager)]
+    result = _bash_on_server(server, [*lines, "python --version 2>&1 || true"])
+    if result.returncode == 0:
+        python = (result.stdout.strip().splitlines() or ["no python"])[-1]
+        return ["environment", "ok", f"{environment} ({manager}): activates, {python}", ""]
+    fix = "make the environment on the server, or fix env_manager/setup in the profile ('sl-forgery server add')"
+    return ["environment", "FAIL", _error_summary(result), fix]
+
+
 def _server_checks(server: Server) -> list[list[str]]:
-    """Rows of (check, ok/FAIL, detail, fix) for the connection and what jobs need on the server."""
+    """Rows of (check, ok/FAIL, detail, fix) for the connection and what jobs need on the server: SLURM, accounting
+    (off is fine), the module system and the environment manager the profile uses (none needed when it uses none)."""
     started = time.monotonic()
     try:
         server.connection.ensure_connected()
     except SSHError as error:
-        skipped = [
-            [name, "FAIL", "not checked: no connection", "fix the connection first"] for name, _, _ in SERVER_CHECKS
-        ]
+        not_checked = ["FAIL", "not checked: no connection", "fix the connection first"]
+        skipped = [[name, *not_checked] for name in SERVER_CHECK_NAMES]
         fix = "check the host, port and user; 'ssh' to it by hand; start its sshd"
         return [["connection", "FAIL", error.summary, fix], *skipped]
     elapsed = time.monotonic() - started
     rows = [["connection", "ok", f"{server.connection.describe()} ({elapsed:.2f} s)", ""]]
-    for name, command, fix in SERVER_CHECKS:
-        result = server.connection.run(command, check=False)
-        if result.returncode == 0:
-            rows.append([name, "ok", (result.stdout.strip().splitlines() or [""])[0], ""])
-        else:
-            detail = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-            rows.append([name, "FAIL", detail, fix])
-    return rows
+    checks = (_login_check, _slurm_check, _accounting_check, _module_check, _environment_check)
+    return rows + [check(server) for check in checks]
 
 
 def _print_checks(rows: list[list[str]]) -> int:
@@ -3718,6 +3782,7 @@ def _local_checks() -> list[list[str]]:
     else:
         rows.append(["openssh", "FAIL", text or "ssh not found", "install OpenSSH 7.3 or newer"])
     path = config_path()
+    config = None
     try:
         config = load_config()
         if config.servers:
@@ -3726,11 +3791,18 @@ def _local_checks() -> list[list[str]]:
             rows.append(["config", "FAIL", f"no server in {path}", "sl-forgery server add NAME --host H --user U"])
     except ConfigError as error:
         rows.append(["config", "FAIL", str(error), "fix or move the file as the detail says"])
+    needing = sorted(p.name for p in config.servers.values() if p.password_in_keyring) if config else []
     try:
         backend = secure_keyring()
-        rows.append(["keyring", "ok", f"{type(backend).__module__}.{type(backend).__name__}", ""])
+        needed = f"for {', '.join(needing)}" if needing else "not needed: no profile keeps a password"
+        rows.append(["keyring", "ok", f"{type(backend).__module__}.{type(backend).__name__} ({needed})", ""])
     except CredentialError as error:
-        rows.append(["keyring", "FAIL", str(error).split(";")[0], "use SSH keys, or install a Secret Service backend"])
+        reason = str(error).split(";")[0]
+        if needing:
+            fix = "use SSH keys ('sl-forgery server setup-key'), or install a Secret Service backend"
+            rows.append(["keyring", "FAIL", f"{reason}; needed for {', '.join(needing)}", fix])
+        else:
+            rows.append(["keyring", "ok", f"not needed: no profile keeps a password ({reason})", ""])
     return rows
 
 
@@ -4277,7 +4349,7 @@ def get_parser() -> Any:
 
     command("connect", cmd_connect, "open the shared connection to the server (later calls reuse it)")
     command("disconnect", cmd_disconnect, "close the shared connection")
-    command("check", cmd_check, "check the connection, SLURM, accounting and conda on the server")
+    command("check", cmd_check, "check the connection, SLURM, accounting, modules and the environment on the server")
     command("doctor", cmd_doctor, "check OpenSSH, the config file, the keyring, then the server; a fix per failure")
 
     server_parser = command("server", lambda args: _print_usage(server_parser), "manage server profiles")
@@ -4457,10 +4529,15 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-h", "--host", default="cbsuwsun.biohpc.cornell.edu", help="server host name")
     parser.add_argument("-u", "--username", required=True)
-    parser.add_argument(
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument(
         "-p",
         "--password",
         help="the password (visible to other users and in shell history: leave it out to be prompted)",
+    )
+    secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin (one line)")
+    secret.add_argument(
+        "--no-password", action="store_true", help="for key login: store no password (as an empty answer does)"
     )
     parser.add_argument("-sr", "--storage-root", default="/local/storage")
     parser.add_argument("-wr", "--working-root", default="/local/workdir")
@@ -4480,10 +4557,10 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
                 "stays in your shell history; leave -p out to be prompted",
                 file=sys.stderr,
             )
-        else:
-            import getpass
-
-            password = getpass.getpass(f"password for {args.username}@{args.host}: ")
+        elif args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        elif not args.no_password:
+            password = _prompt_on_terminal(f"password for {args.username}@{args.host} (empty for key login): ")
         fields = {
             "username": args.username,
             "host": args.host,
@@ -4492,13 +4569,34 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
             "shared_directory_name": args.shared_directory_name,
             **legacy_derived_roots(args.username, args.storage_root, args.working_root, args.shared_directory_name),
         }
-        store_password(f"{args.username}@{args.host}:{DEFAULT_PORT}", password)
+        if password:
+            store_password(f"{args.username}@{args.host}:{DEFAULT_PORT}", password)
+        else:
+            fields["key_login"] = True  # nothing in the keyring to look for
         write_legacy_credentials(target, fields)
     except SlForgeryError as error:
         print(f"sl-create-server-credentials: error: {error}", file=sys.stderr)
         return error.exit_code
-    print(f"wrote {target}; the password is in the OS keyring", file=sys.stderr)
+    if password:
+        print(f"wrote {target}; the password is in the OS keyring", file=sys.stderr)
+    else:
+        print(f"wrote {target} for key login (no password stored): ssh keys, agent and config apply", file=sys.stderr)
     return EXIT_OK
+
+
+def _prompt_on_terminal(prompt: str) -> str:
+    """Ask on the controlling terminal without echo, or fail with one line when there is none (getpass would read
+    stdin with echo on)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        raise UsageError(
+            "no terminal to ask the password on; pass --password-stdin to read it from stdin, "
+            "or --no-password for key login"
+        ) from None
+    import getpass
+
+    return getpass.getpass(prompt)
 
 
 def start_jupyter_main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,7 @@ complete -c sl-forgery -n '__fish_use_subcommand' -a queue -d 'your jobs in the 
 complete -c sl-forgery -n '__fish_use_subcommand' -a history -d 'jobs submitted from this machine'
 complete -c sl-forgery -n '__fish_use_subcommand' -a connect -d 'open the shared connection to the server (later calls reuse it)'
 complete -c sl-forgery -n '__fish_use_subcommand' -a disconnect -d 'close the shared connection'
-complete -c sl-forgery -n '__fish_use_subcommand' -a check -d 'check the connection, SLURM, accounting and conda on the server'
+complete -c sl-forgery -n '__fish_use_subcommand' -a check -d 'check the connection, SLURM, accounting, modules and the environment on the server'
 complete -c sl-forgery -n '__fish_use_subcommand' -a doctor -d 'check OpenSSH, the config file, the keyring, then the server; a fix per failure'
 complete -c sl-forgery -n '__fish_use_subcommand' -a server -d 'manage server profiles'
 complete -c sl-forgery -n '__fish_use_subcommand' -a jupyter -d 'run Jupyter Lab as a job and print a URL that works here'

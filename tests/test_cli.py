@@ -186,19 +186,30 @@ def test_dry_run_leaves_the_cluster_untouched(profile_name, cluster, tmp_path):
 def test_doctor_passes_on_a_healthy_setup_and_reports_a_broken_keyring(profile_name, secret_service):
     healthy = cli("doctor")
     assert healthy.returncode == 0, healthy.stdout
-    assert [line.split()[:2] for line in healthy.stdout.splitlines()[1:]] == [
-        ["openssh", "ok"],
-        ["config", "ok"],
-        ["keyring", "ok"],
-        ["connection", "ok"],
-        ["slurm", "ok"],
-        ["accounting", "ok"],
-        ["conda", "ok"],
+    assert [line.split("  ")[0] for line in healthy.stdout.splitlines()[1:]] == [
+        "openssh",
+        "config",
+        "keyring",
+        "connection",
+        "login shell",
+        "slurm",
+        "accounting",
+        "modules",
+        "environment",
     ]
-    broken = cli("doctor", env={**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"})
+    assert all(" ok " in line for line in healthy.stdout.splitlines()[1:])
+    # A keyring no profile needs is no failure; one a profile keeps its password in is.
+    no_keyring = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    key_only = cli("doctor", env=no_keyring)
+    assert key_only.returncode == 0, key_only.stdout
+    assert "not needed" in next(line for line in key_only.stdout.splitlines() if line.startswith("keyring"))
+    config = sl_forgery.load_config()
+    config.servers[profile_name].password_in_keyring = True
+    config.save()
+    broken = cli("doctor", env=no_keyring)
     assert broken.returncode == 1
     keyring_row = next(line for line in broken.stdout.splitlines() if line.startswith("keyring"))
-    assert "FAIL" in keyring_row and "Secret Service" in keyring_row
+    assert "FAIL" in keyring_row and "Secret Service" in keyring_row and f"needed for {profile_name}" in keyring_row
 
 
 def test_doctor_reports_a_stopped_sshd(profile_name, cluster):
@@ -214,7 +225,7 @@ def test_doctor_reports_a_stopped_sshd(profile_name, cluster):
         rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
         assert "FAIL" in rows["connection"] and f"{cluster.host}:{cluster.port}" in rows["connection"]
         assert "Connection refused" in rows["connection"]
-        assert all("FAIL" in rows[name] for name in ("slurm", "accounting", "conda"))
+        assert all("FAIL" in rows[name] for name in ("slurm", "accounting", "environment"))
     finally:
         subprocess.run([str(CLUSTER), "up"], check=True, capture_output=True)
 
