@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CredentialError",
     "CommandError",
+    "JobNotRecorded",
     "SSHError",
     "SlurmError",
     "WaitTimeout",
@@ -41,6 +42,7 @@ import sys
 import enum
 import time
 import shlex
+import stat
 import collections
 from pathlib import Path, PurePosixPath
 
@@ -83,6 +85,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 EXIT_SSH = 255
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -92,6 +95,7 @@ exit codes:
   N    wait/run --wait: the exit code of a FAILED job
   124  --timeout reached
   130  interrupted (Ctrl-C); the job keeps running
+  141  the reader of the output went away (a pipe into head)
   255  SSH failure (connection, authentication, host key)
 
 environment:
@@ -199,6 +203,10 @@ class SSHError(CommandError):
                 else "connect once with plain ssh, or use 'sl-forgery server add --accept-host-key'"
             )
             return f"{self.what} refused: {problem}; {advice}"
+        # What the askpass helper said (a prompt it would not answer) tells more than how ssh went on afterwards.
+        helper = [line for line in text.splitlines() if line.startswith(f"{APP_NAME}: ")]
+        if helper:
+            return f"{self.what} failed: {helper[-1][len(APP_NAME) + 2 :]}"
         if "Permission denied" in text:
             return (
                 f"{self.what} failed: authentication refused ({text.strip().splitlines()[-1]}); check the user "
@@ -355,7 +363,7 @@ class Job:
             None if conda_environment is None else _check_text("conda_environment", conda_environment)
         )
         self.cpus_to_use = _check_int("cpus_to_use", cpus_to_use)
-        if isinstance(ram_gb, bool) or not isinstance(ram_gb, (int, float)) or not ram_gb > 0:
+        if isinstance(ram_gb, bool) or not isinstance(ram_gb, (int, float)) or not 0 < ram_gb < float("inf"):
             raise UsageError(f"ram_gb must be a positive number of gigabytes, not {ram_gb!r}")
         self.ram_gb = ram_gb
         self.time_limit = _check_int("time_limit (minutes)", time_limit)
@@ -657,7 +665,13 @@ class JupyterJob(Job):
         super().__init__(job_name, output_log, error_log, working_directory, conda_environment, **job_arguments)
         self.notebook_directory = _remote_path("notebook_directory", notebook_directory)
         self.port = _check_int("port", port, minimum=0)
-        self.jupyter_args = shlex.split(_check_text("jupyter_args", jupyter_args, allow_empty=True))
+        try:
+            self.jupyter_args = shlex.split(_check_text("jupyter_args", jupyter_args, allow_empty=True))
+        except ValueError as error:
+            raise UsageError(
+                f"jupyter_args {jupyter_args!r} cannot be split into words as a shell would ({error}); close or "
+                "escape the quote"
+            ) from None
         self.host: str | None = None
         self.token: str | None = None
         self.local_port: int | None = None
@@ -1500,21 +1514,88 @@ def state_dir() -> Path:
 
 
 def control_dir() -> Path:
-    """A short private directory for ControlMaster sockets (socket paths are limited to about 104 bytes)."""
+    """A short private directory for ControlMaster sockets (socket paths are limited to about 104 bytes): under
+    XDG_RUNTIME_DIR when that is this user's own private directory (after `su` it is still the previous user's),
+    else in /tmp, where `_private_dir` refuses whatever another user may have put in its place."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) if runtime and len(runtime) < 40 and os.path.isdir(runtime) else Path("/tmp")
+    base = Path(runtime) if runtime and len(runtime) < 40 and _is_own_private_dir(runtime) else Path("/tmp")
     return base / f"slf-{os.getuid()}"
 
 
+def _is_own_private_dir(path: str | os.PathLike[str]) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
 def _private_dir(path: Path) -> Path:
-    """Create a 0700 directory, or check that an existing one is ours and private."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to another user; remove it or set XDG_RUNTIME_DIR to a private directory")
-    if info.st_mode & 0o077:
-        path.chmod(0o700)
+    """A directory only this user can use, created 0700 if missing. An existing one must be a real directory (not a
+    symbolic link), this user's own and writable by nobody else: anything else may have been put there by another
+    user (in /tmp anyone can) and is refused. One of ours that others can merely read is made private."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise SlForgeryError(f"cannot create the directory {path}: {_os_reason(error)}") from None
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if os.path.islink(path):
+            raise ConfigError(
+                f"{path} is a symbolic link, not a directory of yours (another user may have planted it); "
+                "remove it and try again"
+            ) from None
+        raise ConfigError(f"{path} is not a usable directory ({_os_reason(error)}); remove it and try again") from None
+    try:
+        info = os.fstat(descriptor)
+        if info.st_uid != os.getuid():
+            raise ConfigError(
+                f"{path} belongs to another user (uid {info.st_uid}), who may have planted it; sl-forgery keeps "
+                "private files there: have it removed, or point the XDG_* variable for it elsewhere"
+            )
+        if info.st_mode & 0o022:
+            raise ConfigError(
+                f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); check what is in it, "
+                f"then 'chmod 700 {path}'"
+            )
+        if info.st_mode & 0o077:
+            os.fchmod(descriptor, stat.S_IMODE(info.st_mode) & 0o700)
+    finally:
+        os.close(descriptor)
     return path
+
+
+def _open_own_file(path: str | os.PathLike[str], flags: int) -> int:
+    """Open (creating with mode 0600 if ``flags`` ask) a regular file that must be this user's own and writable by
+    nobody else; a symbolic link is never followed."""
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        if os.path.islink(path):
+            raise ConfigError(
+                f"{path} is a symbolic link (another user may have planted it); remove it and try again"
+            ) from None
+        raise
+    info = os.fstat(descriptor)
+    problem = ""
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_uid != os.getuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    elif info.st_mode & 0o022:
+        problem = f"is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    if problem:
+        os.close(descriptor)
+        raise ConfigError(f"{path} {problem}; remove it and try again")
+    return descriptor
 
 
 def run_exclusively(lock_path: str | os.PathLike[str], action: Callable[[], Any]) -> Any:
@@ -1522,7 +1603,7 @@ def run_exclusively(lock_path: str | os.PathLike[str], action: Callable[[], Any]
     lock goes with its process, so one that crashes blocks nobody."""
     import fcntl
 
-    descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    descriptor = _open_own_file(lock_path, os.O_WRONLY | os.O_CREAT)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         return action()
@@ -1530,14 +1611,53 @@ def run_exclusively(lock_path: str | os.PathLike[str], action: Callable[[], Any]
         os.close(descriptor)
 
 
-def write_private_file(path: Path, text: str) -> None:
-    """Write a file with mode 0600 in a 0700 directory, atomically, so that a crash never leaves half a file."""
-    _private_dir(path.parent)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+def check_private_file_parent(path: Path) -> bool:
+    """Whether ``path``'s directory exists; a `ConfigError` if it is one where a private file is not safe."""
+    parent = path.parent
+    try:
+        info = os.stat(parent)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise SlForgeryError(f"cannot write {path}: {_os_reason(error)}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"cannot write {path}: {parent} is not a directory")
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"{parent} is writable by every user (mode {stat.S_IMODE(info.st_mode):04o}), so anyone could "
+            f"replace {path.name} there; choose a directory of your own"
+        )
+    return True
+
+
+def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace a file atomically by one with ``mode`` (0600: only this user reads it), so that a crash or a full
+    disk leaves the old file and no temporary one. A missing directory is created private; an existing one is left
+    as it is (a home or a shared project directory keeps its mode), but one that every user may write to, where
+    anyone could replace the file, is refused."""
+    parent = path.parent
+    if not check_private_file_parent(path):
+        _private_dir(parent)
+    temporary = parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+    descriptor = -1
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        os.fchmod(descriptor, mode)  # whatever the umask
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(descriptor, data) :]
+        os.fsync(descriptor)
+        os.close(descriptor)
+        descriptor = -1
+        os.replace(temporary, path)
+    except OSError as error:
+        if descriptor >= 0:
+            os.close(descriptor)
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise SlForgeryError(f"cannot write {path}: {_os_reason(error)}; it was left as it was") from None
 
 
 PROFILE_KEYS = {
@@ -1559,6 +1679,61 @@ PROFILE_KEYS = {
     "control_persist": "seconds an idle connection stays open",
     "notify": "true: a desktop notification when a job waited for ends (as --notify)",
 }
+
+
+# Profile names reach shells (completion) and file names: letters, digits, '_', '.' and '-', never first a '-'.
+_PROFILE_NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+
+
+def profile_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a server profile, or None."""
+    if isinstance(name, str) and _PROFILE_NAME_RE.match(name) and len(name) <= 64:
+        return None
+    return (
+        f"server name {name!r} is not allowed: use up to 64 letters, digits, '_', '.' and '-' (not first), "
+        "e.g. 'lab' or 'hpc-2'"
+    )
+
+
+def profile_field_problem(key: str, value: object, label: str = "") -> str | None:
+    """Why ``value`` cannot be a profile's ``key`` (see PROFILE_KEYS), or None; ``label`` names it in the message."""
+    label = label or key
+    if key == "port":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            return f"{label} must be a whole number from 1 to 65535, not {value!r}"
+    elif key == "control_persist":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{label} must be a whole number of seconds, not {value!r}"
+    elif key in ("password_in_keyring", "notify"):
+        if not isinstance(value, bool):
+            return f"{label} must be true or false, not {value!r}"
+    elif key in ("ssh_options", "setup"):
+        example = "[ProxyJump=gateway]" if key == "ssh_options" else "[module load miniconda3]"
+        if not isinstance(value, list):
+            return f"{label} must be a list such as {example}, not {value!r}"
+        for item in value:
+            problem = profile_field_problem("", item, f"each of {label}")
+            if problem:
+                return problem
+    elif key == "env_manager" and value not in ENV_MANAGERS:
+        return f"{label} {value!r} is not one of {', '.join(ENV_MANAGERS)}"
+    elif not isinstance(value, str):
+        return f"{label} must be text, not {type(value).__name__} {value!r} (put it in quotes)"
+    elif not value.strip():
+        return f"{label} must not be empty"
+    elif any(char in value for char in "\n\r\0"):
+        return f"{label} must be a single line: {value!r} contains a line break or NUL"
+    return None
+
+
+def profiles_sharing_password(config: Config, profile: Profile) -> list[str]:
+    """The other profiles whose password is the same keyring entry (same user@host:port) as ``profile``'s: that
+    entry must stay while any of them does."""
+    return sorted(
+        other.name
+        for other in config.servers.values()
+        if other.name != profile.name and other.password_in_keyring and other.keyring_account == profile.keyring_account
+    )
 
 
 class Profile:
@@ -1658,6 +1833,8 @@ class Config:
         )
 
     def save(self) -> None:
+        if self.path == config_path() and not os.environ.get("SL_FORGERY_CONFIG"):
+            _private_dir(self.path.parent)  # sl-forgery's own directory; one named by the user is left as it is
         write_private_file(self.path, self.dump())
 
 
@@ -1684,24 +1861,52 @@ def _yaml_error_line(error: Exception) -> str:
     return f":{mark.line + 1}" if mark else ""
 
 
-def load_config(path: Path | None = None) -> Config:
-    """Read the servers file; any problem is a one-line `ConfigError` naming the file, the line and the fix."""
+def _read_config_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {_os_reason(error)}") from None
+
+
+def _load_yaml(text: str, path: Path, advice: str) -> Any:
+    """``yaml.safe_load`` without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes,
+    and a hand-written settings file never needs them. Errors name the file and line."""
     import yaml
 
-    path = path or config_path()
-    if not path.exists():
-        return Config(path)
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise ConfigError(f"{path} is readable by other users (mode {oct(mode & 0o777)}); run 'chmod 600 {path}'")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text) or {}
-        key_lines = _yaml_key_lines(text)
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ConfigError(
+                    f"{path}:{event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not allowed "
+                    "here; write each value out"
+                )
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         where = _yaml_error_line(error)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); fix the file or move it away") from None
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {advice}") from None
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the servers file; any problem is a one-line `ConfigError` naming the file, the line and the fix."""
+    path = path or config_path()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return Config(path)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {_os_reason(error)}") from None
+    if info.st_uid not in (os.getuid(), 0):
+        # As OpenSSH does for its config: a file someone else can change decides where commands and passwords go.
+        raise ConfigError(f"{path} belongs to another user (uid {info.st_uid}); use a servers file of your own")
+    if info.st_mode & 0o077:
+        mode = info.st_mode & 0o777
+        raise ConfigError(f"{path} is readable by other users (mode {oct(mode)}); run 'chmod 600 {path}'")
+    text = _read_config_text(path, "the servers file")
+    data = _load_yaml(text, path, "fix the file or move it away") or {}
+    key_lines = _yaml_key_lines(text)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping with 'servers:' and 'default:'")
 
@@ -1711,12 +1916,20 @@ def load_config(path: Path | None = None) -> Config:
 
     for key in data:
         if key not in ("servers", "default"):
-            raise fail((key,), f"unknown key {key!r} (expected 'servers' and 'default')")
+            raise fail((str(key),), f"unknown key {key!r} (expected 'servers' and 'default')")
     servers_data = data.get("servers") or {}
     if not isinstance(servers_data, dict):
         raise fail(("servers",), "'servers' must be a mapping of server names to settings")
-    config = Config(path, default=data.get("default"))
+    default = data.get("default")
+    if default is not None and not isinstance(default, str):
+        raise fail(("default",), f"'default' must be the name of a server, not {default!r}")
+    config = Config(path, default=default)
     for name, settings in servers_data.items():
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)  # an unquoted number is still a name
+        problem = profile_name_problem(name)
+        if problem:
+            raise fail(("servers", str(name)), problem)
         settings = settings or {}
         if not isinstance(settings, dict):
             raise fail(("servers", name), f"server {name!r} must be a mapping of settings")
@@ -1725,28 +1938,19 @@ def load_config(path: Path | None = None) -> Config:
                 ("servers", name, "password"),
                 "passwords do not belong in this file; use 'sl-forgery server add --password'",
             )
-        for key in settings:
+        for key, value in settings.items():
             if key not in PROFILE_KEYS:
                 raise fail(
-                    ("servers", name, key), f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})"
+                    ("servers", name, str(key)),
+                    f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})",
                 )
+            problem = None if value is None and key != "host" else profile_field_problem(key, value)
+            if problem:
+                raise fail(("servers", name, key), f"server {name!r}: {problem}")
         if not settings.get("host"):
             raise fail(("servers", name), f"server {name!r} has no 'host'")
-        try:
-            if not isinstance(settings.get("ssh_options", []), list):
-                raise UsageError("ssh_options must be a list such as [ProxyJump=gateway]")
-            if not isinstance(settings.get("notify", False), bool):
-                raise UsageError("notify must be true or false")
-            setup = settings.get("setup", [])
-            if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
-                raise UsageError("setup must be a list of shell lines such as [module load miniconda3]")
-            check_env_manager(settings.get("env_manager"))
-            profile = Profile(name=str(name), **settings)
-            if profile.port is not None:
-                profile.port = _check_int("port", profile.port)
-        except (TypeError, UsageError) as error:
-            raise fail(("servers", name), f"server {name!r}: {error}") from None
-        config.servers[str(name)] = profile
+        settings = {key: value for key, value in settings.items() if value is not None}
+        config.servers[name] = Profile(name=name, **settings)
     if config.default is not None and config.default not in config.servers:
         raise fail(("default",), f"default server {config.default!r} is not defined under 'servers'")
     return config
@@ -1779,33 +1983,84 @@ def history_path() -> Path:
     return state_dir() / "jobs.jsonl"
 
 
+class JobNotRecorded(SlForgeryError):
+    """A job was submitted, but the local history could not remember it; ``job_id`` is still the job's."""
+
+    def __init__(self, job_id: str, path: Path, reason: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id} was submitted, but it could not be added to the job history {path} ({reason}); "
+            "'logs', 'history' and 'status' without ids will not know it"
+        )
+
+
 def record_job(record: JobRecord) -> None:
+    """Add a job to the local history; `JobNotRecorded` (with its id) when the history cannot be written."""
     import json
 
     path = history_path()
-    _private_dir(path.parent)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record._asdict()) + "\n")
+    line = (json.dumps(record._asdict()) + "\n").encode("utf-8")
+    try:
+        _private_dir(path.parent)
+        descriptor = _open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        try:
+            size = os.fstat(descriptor).st_size
+            # A last line cut short (a crash, a full disk) is ended first, so that it cannot swallow this record.
+            if size and os.pread(descriptor, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            while line:
+                line = line[os.write(descriptor, line) :]
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise JobNotRecorded(record.job_id, path, _os_reason(error)) from None
+    except SlForgeryError as error:
+        raise JobNotRecorded(record.job_id, path, str(error)) from None
+
+
+_JOB_ID_RE = re.compile(r"^[0-9]+(_[0-9]+)?$")
+
+
+def _job_record(line: str) -> JobRecord | None:
+    """A history line as a record, or None for a line that is not one (cut short, edited, from elsewhere)."""
+    import json
+    import math
+
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    values = {field: data.get(field, JobRecord._field_defaults.get(field)) for field in JobRecord._fields}
+    submitted = values["submitted"]
+    if isinstance(submitted, bool) or not isinstance(submitted, (int, float)) or not math.isfinite(submitted):
+        return None
+    if not all(isinstance(value, str) for field, value in values.items() if field != "submitted"):
+        return None
+    if not _JOB_ID_RE.match(values["job_id"]):
+        return None
+    return JobRecord(**values)
+
+
+def _read_state_file(path: Path, what: str) -> str | None:
+    """A file of the local state as text (bytes that are not UTF-8 replaced), or None when there is none."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise SlForgeryError(f"cannot read {what} {path}: {_os_reason(error)}; move it away to start anew") from None
 
 
 def load_job_records(server: str | None = None) -> dict[str, JobRecord]:
-    """Every remembered job (for one server), by id; the latest record of an id wins."""
-    import json
-
+    """Every remembered job (for one server), by id; the latest record of an id wins. Lines that are not records
+    are skipped."""
     records: dict[str, JobRecord] = {}
-    try:
-        lines = history_path().read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return records
-    fields = set(JobRecord._fields)
-    for line in lines:
-        try:
-            data = json.loads(line)
-            record = JobRecord(**{key: value for key, value in data.items() if key in fields})
-        except (ValueError, TypeError):
-            continue
-        if server is None or record.server == server:
+    text = _read_state_file(history_path(), "the job history")
+    for line in (text or "").splitlines():
+        record = _job_record(line)
+        if record is not None and (server is None or record.server == server):
             records[record.job_id] = record
     return records
 
@@ -1814,14 +2069,39 @@ def jupyter_records_path() -> Path:
     return state_dir() / "jupyter.json"
 
 
+_JUPYTER_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "server": (str,),
+    "working_directory": (str,),
+    "host": (str,),
+    "port": (int,),
+    "token": (str,),
+    "local_port": (int, type(None)),
+    "url": (str, type(None)),
+}
+
+
 def load_jupyter_records() -> dict[str, dict[str, Any]]:
-    """Running Jupyter servers started from this machine; a private file (0600), since it holds their tokens."""
+    """Running Jupyter servers started from this machine; a private file (0600), since it holds their tokens.
+    Entries that are not such records are left out."""
     import json
 
+    text = _read_state_file(jupyter_records_path(), "the Jupyter records")
     try:
-        return dict(json.loads(jupyter_records_path().read_text(encoding="utf-8")))
-    except (FileNotFoundError, ValueError):
+        data = json.loads(text) if text else {}
+    except ValueError:
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        job_id: details
+        for job_id, details in data.items()
+        if _JOB_ID_RE.match(job_id)
+        and isinstance(details, dict)
+        and all(
+            isinstance(details.get(key), types) and not isinstance(details.get(key), bool)
+            for key, types in _JUPYTER_RECORD_TYPES.items()
+        )
+    }
 
 
 def update_jupyter_records(change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
@@ -1906,22 +2186,23 @@ _warned_plaintext: set[str] = set()
 
 
 def read_legacy_credentials(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(
-            f"credentials file {path} does not exist; create it with 'sl-create-server-credentials'"
-        ) from None
-    except yaml.YAMLError as error:
-        where = _yaml_error_line(error)
-        raise ConfigError(f"{path}{where}: not valid YAML; recreate it with 'sl-create-server-credentials'") from None
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"credentials file {path} does not exist; create it with 'sl-create-server-credentials'")
+    text = _read_config_text(path, "the credentials file")
+    data = _load_yaml(text, path, "recreate it with 'sl-create-server-credentials'") or {}
     if not isinstance(data, dict) or not data.get("host") or not data.get("username"):
         raise ConfigError(f"{path} is not a server credentials file (it needs at least 'host' and 'username')")
     unknown = set(data) - set(LEGACY_FIELDS) - {"port", "key_login"}
     if unknown:
-        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} in a server credentials file")
+        raise ConfigError(f"{path}: unknown key {sorted(unknown, key=str)[0]!r} in a server credentials file")
+    for key, value in data.items():
+        if key in ("username", "password") and isinstance(value, int) and not isinstance(value, bool):
+            continue  # written by hand without quotes; read as the text it was meant to be
+        kind = {"port": "port", "key_login": "password_in_keyring"}.get(key, "")  # a number, a flag, else text
+        problem = profile_field_problem(kind, value, key)
+        if problem and not (value is None and key != "host"):
+            raise ConfigError(f"{path}: {problem}")
     return data
 
 
@@ -1930,7 +2211,7 @@ def _legacy_profile(data: Mapping[str, Any], name: str | None) -> Profile:
         name=name or str(data["host"]),
         host=str(data["host"]),
         user=str(data["username"]),
-        port=int(data["port"]) if data.get("port") else None,
+        port=data.get("port"),
         storage_root=data.get("storage_root"),
         working_root=data.get("working_root"),
         shared_directory_name=data.get("shared_directory_name"),
@@ -1959,7 +2240,7 @@ def write_legacy_credentials(path: Path, fields: Mapping[str, Any]) -> None:
     """Write a ``server_credentials.yaml`` in the original layout, without any password."""
     import yaml
 
-    keys = (*LEGACY_FIELDS, "key_login")
+    keys = (*LEGACY_FIELDS, "port", "key_login")
     data = {key: fields[key] for key in keys if key != "password" and fields.get(key) is not None}
     write_private_file(path, yaml.safe_dump(data, sort_keys=False))
 
@@ -1976,9 +2257,12 @@ def legacy_derived_roots(username: str, storage_root: str, working_root: str, sh
 
 def import_legacy_credentials(path: Path, name: str | None, config: Config) -> Profile:
     """Move a legacy file's password into the keyring, add a profile, and rewrite the file without the password
-    (after a backup that keeps the original's mode)."""
+    (no copy of it is kept: a backup would be one more plaintext password on disk)."""
     data = read_legacy_credentials(path)
     profile = _legacy_profile(data, name)
+    problem = profile_name_problem(profile.name)
+    if problem:
+        raise UsageError(f"{problem}; choose one with --name")
     if data.get("password"):
         store_password(profile.keyring_account, str(data["password"]))
     profile.password_in_keyring = True
@@ -1986,16 +2270,7 @@ def import_legacy_credentials(path: Path, name: str | None, config: Config) -> P
     config.default = config.default or profile.name
     config.save()
     if data.get("password"):
-        backup = path.with_name(path.name + ".bak")
-        counter = 1
-        while backup.exists():  # never overwrite an earlier backup
-            backup, counter = path.with_name(f"{path.name}.bak{counter}"), counter + 1
-        original = path.read_bytes()
-        descriptor = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path.stat().st_mode & 0o777)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(original)
-        rest = {key: value for key, value in data.items() if key != "password"}
-        write_legacy_credentials(path, rest)
+        write_legacy_credentials(path, {key: value for key, value in data.items() if key != "password"})
     return profile
 
 
@@ -2069,17 +2344,37 @@ def run_on_end(command: str, info: JobInfo) -> int:
 
 ASKPASS_ACCOUNT_VARIABLE = "SL_FORGERY_ASKPASS_ACCOUNT"
 ASKPASS_FILE_VARIABLE = "SL_FORGERY_ASKPASS_CREDENTIALS"
+ASKPASS_PROMPT_VARIABLE = "SL_FORGERY_ASKPASS_PROMPT"  # the one prompt the stored password answers
+ASKPASS_TTY_VARIABLE = "SL_FORGERY_ASKPASS_TTY"  # the user's terminal, for every other prompt
+# The master's log, where a refusal is noted too: a ProxyJump gateway's ssh (and the helper it runs) writes its
+# stderr to /dev/null when ControlPersist is on.
+ASKPASS_LOG_VARIABLE = "SL_FORGERY_ASKPASS_LOG"
+
+
+def _askpass_say(message: str) -> None:
+    print(f"{APP_NAME}: {message}", file=sys.stderr)
+    log = os.environ.get(ASKPASS_LOG_VARIABLE)
+    if log:
+        try:
+            descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
+            handle.write(f"{APP_NAME}: {message}\n")
 
 
 def askpass_main(argv: Sequence[str] | None = None) -> int:
-    """The SSH_ASKPASS helper: answers a password prompt from the keyring (or a legacy credentials file), asks a
-    person on the terminal for anything else they alone can answer (2FA), and refuses host-key confirmations."""
+    """The SSH_ASKPASS helper. It answers only the exact password prompt of the server being connected to
+    (``USER@HOST's password: ``) from the keyring or a legacy credentials file; any other prompt (a one-time code,
+    a ProxyJump gateway's own password) goes to the user's terminal, or fails when there is none; it never confirms
+    an unknown host key."""
     words = list(sys.argv[1:] if argv is None else argv)
     prompt = words[0] if words else ""
     if "authenticity of host" in prompt or "(yes/no" in prompt or "fingerprint" in prompt.lower():
-        print(f"{APP_NAME}: refusing to confirm an unknown host key; accept it with plain ssh first", file=sys.stderr)
+        _askpass_say("refusing to confirm an unknown host key; accept it with plain ssh first")
         return 1
-    if re.search(r"password:\s*$", prompt, re.IGNORECASE):
+    expected = os.environ.get(ASKPASS_PROMPT_VARIABLE)
+    if expected and prompt == expected:
         secret = None
         account = os.environ.get(ASKPASS_ACCOUNT_VARIABLE)
         legacy = os.environ.get(ASKPASS_FILE_VARIABLE)
@@ -2090,17 +2385,66 @@ def askpass_main(argv: Sequence[str] | None = None) -> int:
         if secret:
             sys.stdout.write(str(secret) + "\n")
             return 0
+        _askpass_say(f"no password for {account or legacy} is stored")
         return 1
-    # Anything else (a 2FA code) only a person can answer: ask on the terminal, when there is one.
-    import getpass
-
-    try:
-        with open("/dev/tty", "w") as tty:
-            answer = getpass.getpass(prompt, stream=tty)
-    except OSError:
+    answer = _ask_on_terminal(prompt, os.environ.get(ASKPASS_TTY_VARIABLE))
+    if answer is None:
+        _askpass_say(
+            f"cannot answer {prompt.strip()!r}: it is not {expected.strip()!r} (the prompt the stored password is "
+            "for) and there is no terminal to ask you on; run the command from a terminal, or use a key"
+            if expected
+            else f"cannot answer {prompt.strip()!r}: there is no terminal to ask you on"
+        )
         return 1
     sys.stdout.write(answer + "\n")
     return 0
+
+
+def _ask_on_terminal(prompt: str, tty_path: str | None) -> str | None:
+    """Ask the person at ``tty_path`` (echo off), or None without a terminal. ssh runs this helper in a session of
+    its own, without a controlling terminal, so the terminal is named by the command that started ssh."""
+    import termios
+
+    if not tty_path:
+        return None
+    try:
+        descriptor = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not os.isatty(descriptor):
+            return None
+        saved = termios.tcgetattr(descriptor)
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO
+        os.write(descriptor, prompt.encode("utf-8", errors="replace"))
+        termios.tcsetattr(descriptor, termios.TCSAFLUSH, quiet)
+        try:
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = os.read(descriptor, 1024)
+                if not chunk:
+                    break
+                answer += chunk
+        finally:
+            termios.tcsetattr(descriptor, termios.TCSAFLUSH, saved)
+            os.write(descriptor, b"\n")
+        return answer.decode("utf-8", errors="replace").rstrip("\r\n")
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def _terminal_name() -> str | None:
+    """The path of the terminal this command runs on, if any."""
+    for stream in (sys.stdin, sys.stderr, sys.stdout):
+        try:
+            if stream is not None and stream.isatty():
+                return os.ttyname(stream.fileno())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _run(
@@ -2268,7 +2612,13 @@ class SSHConnection:
 
     def _askpass_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        for name in (ASKPASS_ACCOUNT_VARIABLE, ASKPASS_FILE_VARIABLE):
+        for name in (
+            ASKPASS_ACCOUNT_VARIABLE,
+            ASKPASS_FILE_VARIABLE,
+            ASKPASS_PROMPT_VARIABLE,
+            ASKPASS_TTY_VARIABLE,
+            ASKPASS_LOG_VARIABLE,
+        ):
             env.pop(name, None)
         if self.profile.legacy_credentials:
             env[ASKPASS_FILE_VARIABLE] = self.profile.legacy_credentials
@@ -2276,6 +2626,16 @@ class SSHConnection:
             env[ASKPASS_ACCOUNT_VARIABLE] = self.profile.keyring_account
         else:
             return env
+        # ssh's own password prompt names the user and the host (or HostKeyAlias) as it resolved them; a ProxyJump
+        # gateway's ssh inherits this environment and prompts for its own user and host.
+        settings = self.ssh_settings()
+        env[ASKPASS_PROMPT_VARIABLE] = (
+            f"{settings['user']}@{settings.get('hostkeyalias') or settings['hostname']}'s password: "
+        )
+        terminal = _terminal_name()
+        if terminal:
+            env[ASKPASS_TTY_VARIABLE] = terminal
+        env[ASKPASS_LOG_VARIABLE] = str(self._master_log_path())
         env["SSH_ASKPASS"] = self._askpass_helper()
         env["SSH_ASKPASS_REQUIRE"] = "force"
         return env
@@ -2287,9 +2647,13 @@ class SSHConnection:
             f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {module_dir!r})\n"
             "import sl_forgery\nsys.exit(sl_forgery.askpass_main())\n"
         )
-        if not helper.exists() or helper.read_text() != text:
-            write_private_file(helper, text)
-            helper.chmod(0o700)
+        try:
+            with os.fdopen(_open_own_file(helper, os.O_RDONLY), encoding="utf-8") as current:
+                unchanged = current.read() == text and not os.fstat(current.fileno()).st_mode & 0o077
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            write_private_file(helper, text, mode=0o700)
         return str(helper)
 
     # -- master ---------------------------------------------------------------------------------------------------
@@ -2329,7 +2693,7 @@ class SSHConnection:
         Path(socket_path).unlink(missing_ok=True)
         argv = self._master_argv()
         self._log(argv)
-        log_path = control_dir() / f"master-{os.getpid()}.log"
+        log_path = self._master_log_path()
         with open(log_path, "w+", encoding="utf-8", errors="replace") as log:
             # The master keeps the stderr it is given; a pipe would make us wait for it to exit.
             try:
@@ -2342,6 +2706,10 @@ class SSHConnection:
             raise SSHError(argv, result.returncode, "", message, what=f"ssh to {self.describe()}")
         self.master_starts += 1
         return True
+
+    @staticmethod
+    def _master_log_path() -> Path:
+        return control_dir() / f"master-{os.getpid()}.log"
 
     def socket_path(self) -> str:
         """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination; resolved once,
@@ -2574,8 +2942,10 @@ class Server:
 
         cache_path = state_dir() / "homes.json"
         try:
-            cache = json.loads(cache_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+            cache = json.loads(_read_state_file(cache_path, "the cache of home directories") or "{}")
+        except ValueError:
+            cache = {}
+        if not isinstance(cache, dict) or not isinstance(cache.get(self.connection.describe(), ""), str):
             cache = {}
         key = self.connection.describe()
         if key not in cache:
@@ -3014,6 +3384,7 @@ class Server:
         if job.local_port:
             self.connection.forward(job.local_port, job.host, job.port, cancel=True)
         update_jupyter_records(lambda records: records.pop(job.job_id, None))
+        browser_redirect_path(job.job_id).unlink(missing_ok=True)
 
     def list_jupyter(self) -> list[tuple[JupyterJob, JobInfo]]:
         """Jupyter jobs of this server started from here and still alive, with what the scheduler says of them."""
@@ -3302,8 +3673,19 @@ def _check_resource_flags(args: Any) -> None:
         _check_int("--cpus", args.cpus)
     if args.time is not None:
         _check_int("--time (minutes)", args.time)
-    if args.mem is not None and not args.mem > 0:
+    if args.mem is not None and not 0 < args.mem < float("inf"):
         raise UsageError(f"--mem must be a positive number of gigabytes, not {args.mem:g}")
+
+
+def _read_script(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"script {path} is not UTF-8 text (byte {error.start}); convert it, e.g. with iconv -t UTF-8"
+        ) from None
+    except OSError as error:
+        raise UsageError(f"cannot read script {path}: {_os_reason(error)}") from None
 
 
 def _sbatch_resource_args(args: Any) -> list[str]:
@@ -3436,7 +3818,7 @@ def cmd_submit(args: Any) -> int:
     path = Path(args.script)
     if not path.is_file():
         raise UsageError(f"script {path} does not exist or is not a file")
-    script = inject_setup(path.read_text(encoding="utf-8"), args.setup)
+    script = inject_setup(_read_script(path), args.setup)
     own_name = script_directive(script, "job-name", "J")
     name = args.name or own_name or path.stem
     sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
@@ -3821,10 +4203,58 @@ def _read_new_password(args: Any) -> str | None:
     if getattr(args, "password_stdin", False):
         return sys.stdin.readline().rstrip("\n")
     if getattr(args, "password", False):
-        import getpass
-
-        return getpass.getpass(f"password for {args.user}@{args.host}: ")
+        return prompt_password(f"password for {args.user}@{args.host}: ")
     return None
+
+
+def prompt_password(prompt: str) -> str:
+    """A password typed at the terminal (not echoed), else a line read from stdin; a `UsageError` when neither
+    gives one."""
+    import getpass
+
+    try:
+        terminal = open("/dev/tty", "rb")  # noqa: SIM115 - only to learn whether there is one
+    except OSError:
+        password = sys.stdin.readline() if sys.stdin is not None else ""
+    else:
+        terminal.close()
+        try:
+            password = getpass.getpass(prompt)
+        except EOFError:
+            password = ""
+    password = password.rstrip("\r\n")
+    if not password:
+        raise UsageError("no password given: there is no terminal to ask on and stdin gave none; pass it on stdin")
+    return password
+
+
+_SERVER_ADD_FIELDS = {
+    "host": "--host",
+    "user": "--user",
+    "port": "--port",
+    "identity_file": "--identity-file",
+    "ssh_config": "--ssh-config",
+    "ssh_options": "--ssh-option",
+    "storage_root": "--storage-root",
+    "working_root": "--working-root",
+    "shared_directory_name": "--shared-directory-name",
+    "conda_environment": "--conda-env",
+    "env_manager": "--env-manager",
+    "setup": "--setup",
+    "partition": "--partition",
+    "account": "--account",
+}
+
+
+def _check_new_profile(profile: Profile) -> None:
+    """Refuse, before anything is saved, a name or value the servers file would refuse when it is read back."""
+    problem = profile_name_problem(profile.name)
+    for key, flag in _SERVER_ADD_FIELDS.items():
+        value = getattr(profile, key)
+        if problem is None and value not in (None, []):
+            problem = profile_field_problem(key, value, flag)
+    if problem:
+        raise UsageError(problem)
 
 
 def cmd_server_add(args: Any) -> int:
@@ -3833,7 +4263,7 @@ def cmd_server_add(args: Any) -> int:
         raise UsageError(f"server {args.name!r} already exists in {config.path}; pass --replace to overwrite it")
     profile = Profile(
         name=args.name,
-        host=_check_text("--host", args.host),
+        host=args.host,
         user=args.user,
         port=args.port,
         identity_file=args.identity_file,
@@ -3848,6 +4278,7 @@ def cmd_server_add(args: Any) -> int:
         partition=args.partition,
         account=args.account,
     )
+    _check_new_profile(profile)
     if args.accept_host_key:
         fingerprints = accept_host_key(SSHConnection(profile, verbose=args.verbose))
         print(f"accepted the host key of {profile.host}:\n{fingerprints.rstrip()}", file=sys.stderr)
@@ -3899,12 +4330,18 @@ def cmd_server_show(args: Any) -> int:
 def cmd_server_remove(args: Any) -> int:
     config = load_config()
     profile = config.profile(args.name)
-    if profile.password_in_keyring:
-        delete_password(profile.keyring_account)
+    sharing = profiles_sharing_password(config, profile)
     del config.servers[profile.name]
     if config.default == profile.name:
         config.default = None
     config.save()
+    if profile.password_in_keyring and sharing:
+        return _say(
+            args,
+            f"removed server {profile.name!r}; its password stays in the keyring for {', '.join(map(repr, sharing))}",
+        )
+    if profile.password_in_keyring:
+        delete_password(profile.keyring_account)
     return _say(args, f"removed server {profile.name!r}")
 
 
@@ -3918,8 +4355,15 @@ def cmd_server_default(args: Any) -> int:
 def cmd_server_import(args: Any) -> int:
     config = load_config()
     name = args.name or None
+    had_password = bool(read_legacy_credentials(Path(args.file)).get("password"))
     profile = import_legacy_credentials(Path(args.file), name, config)
-    return _say(args, f"imported {args.file} as server {profile.name!r}; its password is in the OS keyring")
+    if not had_password:
+        return _say(args, f"imported {args.file} as server {profile.name!r} (it held no password)")
+    return _say(
+        args,
+        f"imported {args.file} as server {profile.name!r}: its password moved to the OS keyring "
+        f"({profile.keyring_account}) and {args.file} was rewritten without it; no copy of the old file was kept",
+    )
 
 
 def accept_host_key(connection: SSHConnection) -> str:
@@ -3960,6 +4404,10 @@ def cmd_server_setup_key(args: Any) -> int:
     config = load_config()
     profile = config.profile(args.name)
     key = Path(os.path.expanduser(args.key or profile.identity_file or "~/.ssh/id_ed25519"))
+    if key.exists() and not Path(f"{key}.pub").is_file():
+        raise UsageError(
+            f"{key} has no public key {key}.pub beside it; recreate it with 'ssh-keygen -y -f {key} > {key}.pub'"
+        )
     if not key.exists():
         _private_dir(key.parent)
         keygen = [
@@ -4056,7 +4504,7 @@ def cmd_jupyter(args: Any) -> int:
     if args.open:
         import webbrowser
 
-        webbrowser.open(job.url or "")
+        webbrowser.open(browser_redirect_file(job).as_uri())
     if args.detach:
         return _say(args, f"Jupyter job {job.job_id} keeps running; 'sl-forgery jupyter stop {job.job_id}' ends it")
     if not args.quiet:
@@ -4069,6 +4517,27 @@ def cmd_jupyter(args: Any) -> int:
         return EXIT_INTERRUPTED
     server.stop_jupyter(job.job_id)
     return exit_code_for(infos.values())
+
+
+def browser_redirect_path(job_id: str) -> Path:
+    return state_dir() / f"jupyter-{job_id}-open.html"
+
+
+def browser_redirect_file(job: JupyterJob) -> Path:
+    """A private page that sends a browser on to the job's URL: a browser opened on it has no token in its command
+    line, which every user can read (ps); Jupyter's own redirect file works the same way."""
+    import html
+
+    assert job.job_id and job.url
+    url = html.escape(job.url, quote=True)
+    path = browser_redirect_path(job.job_id)
+    _private_dir(path.parent)
+    write_private_file(
+        path,
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={url}">'
+        f'</head>\n<body><a href="{url}">Jupyter job {job.job_id}</a></body></html>\n',
+    )
+    return path
 
 
 def cmd_jupyter_list(args: Any) -> int:
@@ -4177,17 +4646,26 @@ def render_fish_completion(parser: Any) -> str:
 
 
 COMPLETION_SHELLS = ("bash", "zsh", "fish")
-_SERVERS_SED = "sed -n 's/^  \\([A-Za-z0-9_.-][^:]*\\):.*/\\1/p'"
+# Candidates are printed one a line and never expanded again by the shell; and only names sl-forgery itself
+# accepts are offered, so that no server name from a copied servers file can become shell code.
+_SERVERS_SED = "sed -n 's/^  \\([A-Za-z0-9_.][A-Za-z0-9_.-]*\\):\\( .*\\)\\{0,1\\}$/\\1/p'"
 _JOBS_SED = 'sed -n \'s/^{"job_id": "\\([0-9_]*\\)".*/\\1/p\''
 _COMPLETION_PREAMBLE = {
     "bash": f"""
+_sl_forgery_matching() {{
+  local candidate
+  while IFS= read -r candidate; do
+    [[ "$candidate" == "$1"* ]] && printf '%s\\n' "$candidate"
+  done
+  return 0
+}}
 _sl_forgery_servers() {{
   local file="${{SL_FORGERY_CONFIG:-${{XDG_CONFIG_HOME:-$HOME/.config}}/sl-forgery/servers.yaml}}"
-  [ -r "$file" ] && compgen -W "$({_SERVERS_SED} "$file")" -- "$1"
+  [ -r "$file" ] && {_SERVERS_SED} "$file" | _sl_forgery_matching "$1"
 }}
 _sl_forgery_jobs() {{
   local file="${{XDG_STATE_HOME:-$HOME/.local/state}}/sl-forgery/jobs.jsonl"
-  [ -r "$file" ] && compgen -W "$(tail -n 50 "$file" | {_JOBS_SED})" -- "$1"
+  [ -r "$file" ] && tail -n 50 "$file" | {_JOBS_SED} | _sl_forgery_matching "$1"
 }}
 """,
     "zsh": f"""
@@ -4462,25 +4940,44 @@ def _help_width() -> int:
 
 def _cached_text(key: str, produce: Callable[[], str]) -> str:
     """Text that depends only on this file (help, completion scripts), kept in the user's cache directory so that
-    shells sourcing ``sl-forgery completion bash`` at start-up do not build the parser every time."""
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    shells sourcing ``sl-forgery completion bash`` at start-up do not build the parser every time. Only this user's
+    own private file in this user's own private directory is trusted (a shell runs what it prints); anything else
+    is ignored and made anew."""
+    directory = _xdg_dir("XDG_CACHE_HOME", ".cache") / APP_NAME
     stamp = f"{__version__}-{os.stat(__file__).st_mtime_ns}"
-    path = os.path.join(cache_home, APP_NAME, f"{key}-{stamp}.txt")
-    try:
-        with open(path, encoding="utf-8") as cached:
-            return cached.read()
-    except OSError:
-        pass
+    path = directory / f"{key}-{stamp}.txt"
+    text = _read_trusted_cache(path)
+    if text is not None:
+        return text
     text = produce()
     try:
-        directory = os.path.dirname(path)
-        for old in os.listdir(directory) if os.path.isdir(directory) else []:
+        _private_dir(directory)
+        for old in os.listdir(directory):
             if old.startswith(f"{key}-"):
-                os.unlink(os.path.join(directory, old))
-        write_private_file(Path(path), text)
-    except OSError:
-        pass  # a read-only home only costs speed
+                os.unlink(directory / old)
+        write_private_file(path, text)
+    except (OSError, SlForgeryError):
+        pass  # an unusable cache only costs speed
     return text
+
+
+def _read_trusted_cache(path: Path) -> str | None:
+    own = os.getuid()
+    try:
+        directory = os.lstat(path.parent)
+        if not stat.S_ISDIR(directory.st_mode) or directory.st_uid != own or directory.st_mode & 0o077:
+            return None
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(descriptor, "rb") as cached:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != own or info.st_mode & 0o077:
+            return None
+        try:
+            return cached.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -4505,13 +5002,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{APP_NAME}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SlForgeryError as error:
+        if isinstance(error, JobNotRecorded):
+            print(error.job_id, flush=True)  # the job exists: its id is still the result, on stdout
         message = str(error) if args.verbose else str(error).splitlines()[0]
         print(f"{APP_NAME}: error: {message}", file=sys.stderr)
         return error.exit_code
 
 
 def console_main() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (output piped into head): stop quietly, as other command-line tools do, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
@@ -4550,6 +5057,7 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     try:
         if target.exists():
             raise UsageError(f"{target} already exists; remove it first or choose another --output-directory")
+        check_private_file_parent(target)  # before the password is stored, so that a refusal leaves nothing half-done
         password = args.password
         if password is not None:
             print(

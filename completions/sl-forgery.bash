@@ -333,13 +333,20 @@ _shtab_sl_forgery___version_nargs=0
 
 # Custom Preamble
 
+_sl_forgery_matching() {
+  local candidate
+  while IFS= read -r candidate; do
+    [[ "$candidate" == "$1"* ]] && printf '%s\n' "$candidate"
+  done
+  return 0
+}
 _sl_forgery_servers() {
   local file="${SL_FORGERY_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/sl-forgery/servers.yaml}"
-  [ -r "$file" ] && compgen -W "$(sed -n 's/^  \([A-Za-z0-9_.-][^:]*\):.*/\1/p' "$file")" -- "$1"
+  [ -r "$file" ] && sed -n 's/^  \([A-Za-z0-9_.][A-Za-z0-9_.-]*\):\( .*\)\{0,1\}$/\1/p' "$file" | _sl_forgery_matching "$1"
 }
 _sl_forgery_jobs() {
   local file="${XDG_STATE_HOME:-$HOME/.local/state}/sl-forgery/jobs.jsonl"
-  [ -r "$file" ] && compgen -W "$(tail -n 50 "$file" | sed -n 's/^{"job_id": "\([0-9_]*\)".*/\1/p')" -- "$1"
+  [ -r "$file" ] && tail -n 50 "$file" | sed -n 's/^{"job_id": "\([0-9_]*\)".*/\1/p' | _sl_forgery_matching "$1"
 }
 
 # End Custom Preamble

@@ -4,7 +4,7 @@ function __sl_forgery_servers
     set -q XDG_CONFIG_HOME; and set config_home $XDG_CONFIG_HOME
     set -l file $config_home/sl-forgery/servers.yaml
     set -q SL_FORGERY_CONFIG; and set file $SL_FORGERY_CONFIG
-    test -r $file; and sed -n 's/^  \([A-Za-z0-9_.-][^:]*\):.*/\1/p' $file
+    test -r $file; and sed -n 's/^  \([A-Za-z0-9_.][A-Za-z0-9_.-]*\):\( .*\)\{0,1\}$/\1/p' $file
 end
 function __sl_forgery_jobs
     set -l state_home $HOME/.local/state

@@ -1,5 +1,6 @@
 """Servers and secrets with real components: a Secret Service keyring, the test sshd, and the askpass helper."""
 
+import json
 import os
 import re
 import shutil
@@ -119,11 +120,18 @@ def test_an_insecure_keyring_is_refused_and_nothing_is_written(home):
     assert not sl_forgery.config_path().exists()
 
 
-def test_askpass_answers_password_prompts_only(secret_service, monkeypatch, capsys):
+def test_askpass_answers_only_the_password_prompt_of_its_own_server(secret_service, monkeypatch, capsys):
     sl_forgery.store_password("u@h:22", "pw-for-askpass")
     monkeypatch.setenv(sl_forgery.ASKPASS_ACCOUNT_VARIABLE, "u@h:22")
+    monkeypatch.setenv(sl_forgery.ASKPASS_PROMPT_VARIABLE, "u@h's password: ")
+    monkeypatch.delenv(sl_forgery.ASKPASS_TTY_VARIABLE, raising=False)
     assert sl_forgery.askpass_main(["u@h's password: "]) == 0
     assert capsys.readouterr().out == "pw-for-askpass\n"
+    # A ProxyJump gateway's own prompt, another user's, a one-time code: never the stored password.
+    for prompt in ("u@gateway's password: ", "root@h's password: ", "Verification code: ", "(u@h) Password: "):
+        assert sl_forgery.askpass_main([prompt]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == "" and "no terminal to ask you on" in captured.err
     host_key_prompt = (
         "The authenticity of host '[h]:22' can't be established.\nED25519 key fingerprint is SHA256:x.\n"
         "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
@@ -337,9 +345,12 @@ def test_import_moves_a_plaintext_password_into_the_keyring(secret_service, clus
     result = cli("server", "import", str(credentials), "--name", "imported")
     assert result.returncode == 0, result.stderr
     assert "holds a plaintext password" not in result.stderr
+    assert "was rewritten without it; no copy of the old file was kept" in result.stderr
     assert cluster.password not in credentials.read_text() and f"username: {cluster.user}" in credentials.read_text()
-    backup = tmp_path / "server_credentials.yaml.bak"
-    assert backup.read_text() == original and backup.stat().st_mode & 0o777 == 0o640
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    # No plaintext copy anywhere beside it or in sl-forgery's files (a .bak kept it at the file's old mode).
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert [path.name for path in files if cluster.password.encode() in path.read_bytes()] == []
     profile = sl_forgery.load_config().profile("imported")
     assert profile.password_in_keyring and sl_forgery.get_password(profile.keyring_account) == cluster.password
     close_master(profile)
@@ -435,13 +446,132 @@ def test_jupyter_records_written_at_once_by_many_commands_are_all_kept(home):
     program = (
         "import sys, sl_forgery\n"
         "for n in range(40):\n"
-        "    key = f'{sys.argv[1]}-{n}'\n"
-        "    sl_forgery.update_jupyter_records(lambda records: records.update({key: {'server': 'lab'}}))\n"
+        "    key = f'{sys.argv[1]}{n:03d}'\n"
+        "    details = {'server': 'lab', 'working_directory': '/w', 'host': 'node1', 'port': 8888, 'token': 't',\n"
+        "               'local_port': None, 'url': None}\n"
+        "    sl_forgery.update_jupyter_records(lambda records: records.update({key: details}))\n"
     )
     writers = [
-        subprocess.Popen([sys.executable, "-c", program, f"w{index}"], env=os.environ.copy(), cwd=str(ROOT))
+        subprocess.Popen([sys.executable, "-c", program, f"{index + 1}"], env=os.environ.copy(), cwd=str(ROOT))
         for index in range(6)
     ]
     assert [writer.wait(timeout=120) for writer in writers] == [0] * 6
     assert len(sl_forgery.load_jupyter_records()) == 6 * 40
     assert sl_forgery.jupyter_records_path().stat().st_mode & 0o777 == 0o600
+
+
+def jump_config(cluster, tmp_path, gateway_auth: str) -> Path:
+    """An ssh config: 'target' (the cluster by its address, password only) behind 'gateway' (the same sshd by the
+    name localhost, so that its password prompt differs), whose authentication ``gateway_auth`` sets."""
+    host_key = Path(f"{cluster.host_key}.pub").read_text().split()[:2]
+    known_hosts = tmp_path / "jump_known_hosts"
+    known_hosts.write_text(
+        "".join(f"[{name}]:{cluster.port} {' '.join(host_key)}\n" for name in (cluster.host, "localhost"))
+    )
+    path = tmp_path / "jump_ssh_config"
+    path.write_text(
+        f"Host gateway\n  HostName localhost\n  Port {cluster.port}\n  User {cluster.user}\n  AddressFamily inet\n"
+        f"  UserKnownHostsFile {known_hosts}\n{gateway_auth}\n"
+        f"Host target\n  HostName {cluster.host}\n  Port {cluster.port}\n  User {cluster.user}\n"
+        f"  UserKnownHostsFile {known_hosts}\n  PubkeyAuthentication no\n  ProxyJump gateway\n"
+    )
+    return path
+
+
+def test_a_proxyjump_login_with_a_password_leaks_it_nowhere(secret_service, cluster, home, tmp_path):
+    ssh_config = jump_config(cluster, tmp_path, f"  IdentityFile {cluster.key}\n  IdentitiesOnly yes\n")
+    profile = sl_forgery.Profile(name="jumped-pw", host="target", ssh_config=str(ssh_config), password_in_keyring=True)
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+    connection = sl_forgery.SSHConnection(profile)
+    connection.disconnect()
+    secret = cluster.password.encode()
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.extend(processes_holding(secret))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert connection.connect()
+        assert connection.run("whoami").stdout == f"{cluster.user}\n"
+    finally:
+        done.set()
+        watcher.join()
+        connection.disconnect()
+    assert seen == []
+
+
+def test_a_proxyjump_gateways_own_password_prompt_never_gets_the_servers_password(
+    secret_service, cluster, home, tmp_path
+):
+    # Same account on both hops here, so an askpass that answered any "password:" prompt would log in.
+    ssh_config = jump_config(cluster, tmp_path, "  PubkeyAuthentication no\n")
+    profile = sl_forgery.Profile(name="jumped-gw", host="target", ssh_config=str(ssh_config), password_in_keyring=True)
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+    close_master(profile)
+    result = cli("-s", "jumped-gw", "connect")
+    assert result.returncode == 255 and result.stderr.count("\n") == 1, result.stderr
+    assert f'cannot answer "{cluster.user}@localhost\'s password:"' in result.stderr
+    assert "no terminal to ask you on" in result.stderr
+    close_master(profile)
+
+
+def test_jupyter_open_keeps_the_token_out_of_every_local_command_line_and_environment(profile_name, cluster, tmp_path):
+    browser = tmp_path / "browser"
+    opened = tmp_path / "opened"
+    # A browser that notes its arguments and the page it was asked to open, as a real one would read it.
+    browser.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {opened}.args\ncat "${{1#file://}}" > {opened}.page\n')
+    browser.chmod(0o755)
+    cluster_uid = int(subprocess.run(["id", "-u", cluster.user], capture_output=True, text=True).stdout)
+    seen: set[bytes] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        # The token is not known until Jupyter reports it: keep every distinct local command line and environment.
+        while not done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    if not entry.name.isdigit() or entry.stat().st_uid == cluster_uid:
+                        continue  # the job's own processes are the server side, where the token lives
+                    for part in ("cmdline", "environ"):
+                        seen.add((entry / part).read_bytes())
+                except OSError:
+                    continue
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = cli(
+            "jupyter",
+            "--env",
+            "jupyter",
+            "--mem",
+            "1",
+            "--time",
+            "10",
+            "--detach",
+            "--open",
+            env={**os.environ, "BROWSER": str(browser)},
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    url = result.stdout.strip()
+    token = url.split("token=")[1]
+    job_id = json.loads(cli("jupyter", "list", "--json").stdout)["servers"][0]["job_id"]
+    try:
+        arguments = Path(f"{opened}.args").read_text()
+        assert token not in arguments and arguments.startswith("file:///")
+        page = Path(arguments.strip()[len("file://") :])
+        assert page.stat().st_mode & 0o777 == 0o600 and page.parent.stat().st_mode & 0o777 == 0o700
+        assert f'content="0;url={url}"' in Path(f"{opened}.page").read_text()
+        assert [blob for blob in seen if token.encode() in blob] == []
+    finally:
+        assert cli("jupyter", "stop", job_id).returncode == 0
+    assert not page.exists()
