@@ -109,11 +109,13 @@ def test_users_with_every_login_shell_log_in_with_the_same_key_and_reach_slurm(c
         # A command every shell parses the same way.
         result = _ssh_as(cluster, user, "echo $SHELL")
         assert result.returncode == 0, (user, result.stderr)
-        assert result.stdout.strip() == shell
+        assert result.stdout.splitlines()[-1] == shell
         assert "debug" in _ssh_as(cluster, user, "sinfo -h -o %P").stdout
     # tcsh really is the shell that runs the command: sh syntax fails there as on a real tcsh account.
     tcsh_user = shells["/usr/bin/tcsh"]
     assert _ssh_as(cluster, tcsh_user, "x=1; echo $x").returncode != 0
+    # and its start-up file greets on stdout before every command, as on many sites.
+    assert _ssh_as(cluster, tcsh_user, "true").stdout == f"Welcome to slfc, {tcsh_user}\n"
 
 
 def test_the_module_user_gets_conda_and_uv_only_through_module_load_in_a_batch_job(cluster):
