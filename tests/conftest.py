@@ -1,13 +1,22 @@
-"""Fixtures over real components: the loopback SLURM cluster from scripts/cluster, a private config home per test,
-and a real Secret Service keyring (gnome-keyring on a private D-Bus session)."""
+"""Fixtures over real components: the loopback SLURM cluster from scripts/cluster, private directories per test,
+and a real Secret Service keyring (gnome-keyring on a private D-Bus session).
+
+Several runs of the suite may share one cluster (two worktrees, or two copies of the suite at once). Every test
+that uses the cluster holds a shared lock on STATE/tests.lock while it runs; a test marked ``exclusive`` (it stops
+a daemon, delays the epilog or rewrites the test user's .bashrc) holds it exclusively, so it runs while no other
+test of any run does, and no other test runs until it has restored what it changed.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +57,33 @@ class Cluster:
             stdin=subprocess.DEVNULL,
         )
 
-    def sshd_connections(self) -> int:
-        """Connections the test sshd has accepted so far."""
-        return len(re.findall(r"^Accepted \S+ for ", self.sshd_log.read_text(errors="replace"), flags=re.MULTILINE))
+    def logins_from_port(self, client_port: int) -> int:
+        """Logins the test sshd accepted from one client port: the log lines of one connection only, whatever other
+        runs do at the same time."""
+        pattern = rf"^Accepted \S+ for {re.escape(self.user)} from \S+ port {client_port} "
+        return len(re.findall(pattern, self.sshd_log.read_text(errors="replace"), flags=re.MULTILINE))
+
+    def served_host_key(self) -> str:
+        """The host key sshd serves right now, as ssh-keyscan sees it."""
+        result = subprocess.run(
+            ["ssh-keyscan", "-T", "5", "-t", "ed25519", "-p", str(self.port), self.host],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return " ".join(result.stdout.split()[1:3])
+
+    def job_state(self, job_id: str) -> str:
+        """The job's state as squeue shows it (it keeps ended jobs for minutes), or '' when it does not."""
+        return self.ssh(f"squeue -h --states=all -j {job_id} -o %T", check=False).stdout.strip()
+
+    def wait_for_state(self, job_id: str, states: set[str], deadline: float = 60) -> str:
+        end = time.monotonic() + deadline
+        while True:
+            state = self.job_state(job_id)
+            if state in states or time.monotonic() > end:
+                return state
+            time.sleep(0.2)
 
 
 def _cluster_env() -> dict[str, str]:
@@ -58,16 +91,37 @@ def _cluster_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
 
+def _locked(path: Path, mode: int) -> int:
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(descriptor, mode)
+    return descriptor
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
-    """The running test cluster; started here (and stopped at the end) when pytest runs without scripts/test."""
-    started_here = False
-    if subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode != 0:
-        subprocess.run([str(CLUSTER), "up"], check=True)
-        started_here = True
+    """The running test cluster. scripts/test brings it up and down around the suite; a bare ``pytest`` starts it
+    when it is not up, and brings it down at the end only when it started it and no other run is using it."""
     env = _cluster_env()
-    info = Cluster(
-        state=Path(env["SLF_CLUSTER_STATE"]),
+    state = Path(env["SLF_CLUSTER_STATE"])
+    state.mkdir(parents=True, exist_ok=True)
+    # Held (shared) for the whole run: the run that started the cluster stops it only when it alone holds this.
+    session = _locked(state / "sessions.lock", fcntl.LOCK_SH)
+    started_here = False
+    # Under a shared test lock, so that a daemon an exclusive test stopped on purpose is not restarted under it.
+    test_lock = _locked(state / "tests.lock", fcntl.LOCK_SH)
+    try:
+        if subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode != 0:
+            up_lock = _locked(state / "up.lock", fcntl.LOCK_EX)
+            try:
+                if subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode != 0:
+                    subprocess.run([str(CLUSTER), "up"], check=True)
+                    started_here = True
+            finally:
+                os.close(up_lock)
+    finally:
+        os.close(test_lock)
+    yield Cluster(
+        state=state,
         host=env["SLF_CLUSTER_HOST"],
         port=int(env["SLF_CLUSTER_PORT"]),
         user=env["SLF_CLUSTER_USER"],
@@ -80,56 +134,140 @@ def cluster() -> Cluster:
         host_key=Path(env["SLF_CLUSTER_HOST_KEY"]),
         slurm_conf=env["SLURM_CONF"],
     )
-    yield info
-    if started_here:
-        subprocess.run([str(CLUSTER), "down"], check=True)
+    try:
+        if started_here:
+            try:
+                fcntl.flock(session, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print("\nthe test cluster stays up: another test run is using it", file=sys.stderr)
+            else:
+                subprocess.run([str(CLUSTER), "down"], check=True)
+    finally:
+        os.close(session)
+
+
+@pytest.fixture(autouse=True)
+def cluster_lock(request):
+    """A shared lock on the cluster for a test that uses it, exclusive for one marked ``exclusive``."""
+    if "cluster" not in request.fixturenames:
+        assert not request.node.get_closest_marker("exclusive"), "an exclusive test must use the cluster fixture"
+        yield
+        return
+    state = request.getfixturevalue("cluster").state
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    descriptor = _locked(state / "tests.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _control(socket: Path, operation: str) -> list[str]:
+    """``ssh -O operation`` to the master listening on one socket (the host name is needed but not used)."""
+    return ["ssh", "-F", "/dev/null", "-o", f"ControlPath={socket}", "-O", operation, "master"]
+
+
+def _end_masters(control_directory: Path) -> None:
+    """End every ssh master listening in one test's own control directory: by ``ssh -O exit`` on its socket, else
+    by the pid that socket's master reports."""
+    if not control_directory.is_dir():
+        return
+    for socket in control_directory.iterdir():
+        if not socket.is_socket():
+            continue
+        check = subprocess.run(_control(socket, "check"), capture_output=True, text=True, timeout=10)
+        pid = re.search(r"pid=(\d+)", check.stderr)
+        ended = subprocess.run(_control(socket, "exit"), capture_output=True, timeout=10).returncode == 0
+        if not ended and pid:
+            try:
+                os.kill(int(pid.group(1)), 15)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def private_dirs(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own config, state, cache and runtime directories, so that no test reuses another's ssh
+    masters or files, and none touches the real user's. The runtime directory is short (sl-forgery keeps its
+    sockets there only when XDG_RUNTIME_DIR is under 40 characters) and 0700; its masters end with the test."""
+    runtime = Path(tempfile.mkdtemp(dir="/tmp", prefix="slr"))
+    runtime.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("SL_FORGERY_CONFIG", "SL_FORGERY_SERVER", "SL_FORGERY_SSH_CONFIG", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    yield runtime
+    _end_masters(runtime / f"slf-{os.getuid()}")
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def secret_service(tmp_path_factory) -> None:
-    """A real Secret Service for the `keyring` library: the one scripts/test started, or our own."""
+    """A real Secret Service for the `keyring` library: the one scripts/test (or /work/pt) started, or our own,
+    ended by its pid when the run ends."""
     if os.environ.get("DBUS_SESSION_BUS_ADDRESS") and os.environ.get("SL_FORGERY_TEST_KEYRING") == "ready":
         yield
         return
     data_home = tmp_path_factory.mktemp("keyring-data")
-    bus = subprocess.run(
+    bus_address, bus_pid = subprocess.run(
         ["dbus-daemon", "--session", "--fork", "--print-address=1", "--print-pid=1"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
     saved = {name: os.environ.get(name) for name in ("DBUS_SESSION_BUS_ADDRESS", "XDG_DATA_HOME")}
-    os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus[0]
+    os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus_address
     os.environ["XDG_DATA_HOME"] = str(data_home)
-    daemon = subprocess.run(
-        ["gnome-keyring-daemon", "--unlock", "--components=secrets"],
-        input=uuid.uuid4().hex,
+    daemon = subprocess.Popen(
+        ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        # Its control socket goes to the runtime directory, which must outlive every test's own.
+        env={**os.environ, "XDG_RUNTIME_DIR": str(data_home)},
+    )
+    daemon.stdin.write(uuid.uuid4().hex)
+    daemon.stdin.close()
+    deadline = time.monotonic() + 30
+    while not _bus_name_owner_is(daemon.pid):
+        assert daemon.poll() is None and time.monotonic() < deadline, "gnome-keyring-daemon did not start"
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        os.kill(int(bus_pid), 15)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _bus_name_owner_is(pid: int) -> bool:
+    result = subprocess.run(
+        [
+            "dbus-send",
+            "--session",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/",
+            "org.freedesktop.DBus.GetConnectionUnixProcessID",
+            "string:org.freedesktop.secrets",
+        ],
         capture_output=True,
         text=True,
-        check=True,
     )
-    for line in daemon.stdout.splitlines():
-        name, _, value = line.partition("=")
-        if name:
-            os.environ[name] = value
-    yield
-    subprocess.run(["pkill", "-f", f"gnome-keyring-daemon.*{os.getpid()}"], check=False)
-    subprocess.run(["kill", bus[1]], check=False)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    return result.returncode == 0 and f"uint32 {pid}" in result.stdout
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    """A private config and state home for one test, so nothing touches the real user's files."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    for name in ("SL_FORGERY_CONFIG", "SL_FORGERY_SERVER", "SL_FORGERY_SSH_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
+def home(tmp_path) -> Path:
+    """The test's private directory, holding its config (config/), state (state/) and cache (cache/)."""
     return tmp_path
 
 
@@ -181,6 +319,38 @@ def remote_dir(cluster, request) -> str:
     """A fresh absolute directory on the server for one test."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return f"{cluster.home}/tests/{name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def unique_name(request) -> str:
+    """A job name no other test, run or earlier run uses, for asking SLURM about this test's jobs only."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:24]
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def own_masters() -> dict[str, int]:
+    """The ssh masters in this test's own control directory: socket path -> pid, as each master reports it."""
+    import sl_forgery
+
+    masters = {}
+    directory = sl_forgery.control_dir()
+    for socket in directory.iterdir() if directory.is_dir() else []:
+        if socket.is_socket():
+            check = subprocess.run(_control(socket, "check"), capture_output=True, text=True, timeout=10)
+            found = re.search(r"pid=(\d+)", check.stderr)
+            if check.returncode == 0 and found:
+                masters[str(socket)] = int(found.group(1))
+    return masters
+
+
+def process_state(pid: int) -> str:
+    """ps's state letter for a process, '' when it is gone (an exited process may linger as a zombie, Z)."""
+    return subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()[:1]
+
+
+def client_port(connection) -> int:
+    """The local TCP port of the connection a remote command ran over, as the server saw it."""
+    return int(connection.run("echo $SSH_CONNECTION").stdout.split()[1])
 
 
 def console_script(name: str) -> str:
