@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ import jsonschema
 import pytest
 
 import sl_forgery
-from conftest import CLUSTER, ROOT, cli, console_script
+from conftest import CLUSTER, ROOT, cli, console_script, own_masters, process_state
 
 COMPLETION_FILES = {"bash": "sl-forgery.bash", "zsh": "_sl-forgery", "fish": "sl-forgery.fish"}
 
@@ -88,33 +89,126 @@ def test_fish_completes_subcommands_and_servers(completion_home):
     assert fish_complete("sl-forgery cancel ") == ["4101", "4102"]
 
 
-def test_zsh_loads_the_completion_without_error(tmp_path):
-    assert subprocess.run(["zsh", "-n", str(ROOT / "completions" / "_sl-forgery")]).returncode == 0
-    program = (
-        f"fpath=({ROOT / 'completions'} $fpath); autoload -U compinit; compinit -u -d {tmp_path}/dump; "
-        "print -r -- $_comps[sl-forgery]"
+# Drives an interactive zsh through a pseudo-terminal (zsh/zpty), presses Tab after the words and prints each match
+# that the completion system adds, as <<match>>; the null lines mark where completion starts and ends.
+ZSH_CAPTURE = r"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PROMPT=''; fpath=($1 \$fpath); autoload -U compinit; compinit -u -d $2"
+zpty -w z 'bindkey "^I" complete-word
+null-line() { echo -E - $'"'"'\0'"'"' }
+compprefuncs=(null-line); comppostfuncs=(null-line exit)
+compadd() {
+  if [[ ${@[1,(i)(-|--)]} == *-(O|A|D)\ * ]]; then builtin compadd "$@"; return $?; fi
+  typeset -a __hits
+  builtin compadd -A __hits "$@"
+  local hit; for hit in $__hits; do echo -E - "<<$hit>>"; done
+}'
+zpty -w z "$3"$'\t'
+integer marks=0
+local line
+while zpty -r z line; do
+  [[ $line == *$'\0'* ]] && { (( marks++ )) && break || continue }
+  (( marks )) && print -r -- "$line"
+done
+zpty -d z
+"""
+
+
+def zsh_complete(words: str, tmp_path: Path, cwd: Path | None = None) -> list[str]:
+    capture = tmp_path / "capture.zsh"
+    capture.write_text(ZSH_CAPTURE)
+    result = subprocess.run(
+        ["zsh", "-f", str(capture), str(ROOT / "completions"), str(tmp_path / "zcompdump"), words],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
-    result = subprocess.run(["zsh", "-f", "-c", program], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stderr == "" and result.stdout.strip() == "_sl-forgery"
+    return sorted(set(re.findall(r"<<(.*?)>>", result.stdout)))
 
 
-def test_json_documents_follow_their_schemas(profile_name):
-    job_id = cli("run", "--mem", "0.25", "--", "sh", "-c", "exit 5").stdout.strip()
-    waited = cli("wait", "--json", job_id)
-    assert waited.returncode == 5
-    document = json.loads(waited.stdout)
-    jsonschema.validate(document, sl_forgery.JSON_SCHEMAS["jobs"])
-    assert document["jobs"][0]["state"] == "FAILED" and document["jobs"][0]["exit_code"] == 5
-    for argv in (["status", "--json", job_id], ["status", "--json"], ["queue", "--json"]):
-        result = cli(*argv)
-        assert result.returncode == 0, result.stderr
-        jsonschema.validate(json.loads(result.stdout), sl_forgery.JSON_SCHEMAS["jobs"])
-    history = json.loads(cli("history", "--json").stdout)
-    jsonschema.validate(history, sl_forgery.JSON_SCHEMAS["history"])
-    assert history["jobs"][-1]["job_id"] == job_id
-    servers = json.loads(cli("server", "list", "--json").stdout)
-    jsonschema.validate(servers, sl_forgery.JSON_SCHEMAS["servers"])
-    assert servers["default"] == profile_name
+def test_zsh_completes_subcommands_options_files_servers_and_job_ids(completion_home, tmp_path):
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "analysis_job.sh").write_text("#!/bin/bash\n")
+    assert zsh_complete("sl-forgery sta", tmp_path) == ["status"]
+    assert {"submit", "wait", "server", "doctor"} <= set(zsh_complete("sl-forgery ", tmp_path))
+    assert zsh_complete("sl-forgery wait --ti", tmp_path) == ["--timeout"]
+    assert zsh_complete("sl-forgery status --server ", tmp_path) == ["alpha", "beta-2"]
+    assert zsh_complete("sl-forgery wait 41", tmp_path) == ["4101", "4102"]
+    assert zsh_complete("sl-forgery submit ana", tmp_path, cwd=files) == ["analysis_job.sh"]
+
+
+# The field names the README documents for each --json document (a stable contract: fields may be added, never
+# renamed or removed). Pinned here, not read from the code's own schemas, so that a rename fails.
+JOB_FIELDS = {"job_id", "state", "finished", "exit_code", "signal", "reason", "name", "node", "time_left"}
+HISTORY_FIELDS = {
+    "job_id",
+    "server",
+    "name",
+    "working_directory",
+    "output_log",
+    "error_log",
+    "submitted",
+    "user",
+    "array",
+}
+SERVER_FIELDS = {"name", "host", "user", "port"}
+
+
+def test_json_documents_have_the_documented_fields_and_list_the_job(profile_name, cluster):
+    failed = cli("run", "--mem", "0.25", "--name", "json-failed", "--", "sh", "-c", "exit 5").stdout.strip()
+    live = cli("run", "--mem", "0.25", "--name", "json-live", "--", "sleep", "300").stdout.strip()
+    try:
+        waited = cli("wait", "--json", failed)
+        assert waited.returncode == 5
+        (job,) = json.loads(waited.stdout)["jobs"]
+        assert set(job) >= JOB_FIELDS
+        assert (job["job_id"], job["state"], job["finished"], job["exit_code"], job["signal"], job["name"]) == (
+            failed,
+            "FAILED",
+            True,
+            5,
+            0,
+            "json-failed",
+        )
+        (job,) = json.loads(cli("status", "--json", failed).stdout)["jobs"]
+        assert set(job) >= JOB_FIELDS and (job["job_id"], job["exit_code"]) == (failed, 5)
+        recent = json.loads(cli("status", "--json").stdout)["jobs"]  # no ids: the recent jobs from here
+        assert {failed, live} <= {entry["job_id"] for entry in recent}
+        assert cluster.wait_for_state(live, {"RUNNING"}) == "RUNNING"
+        queued = {entry["job_id"]: entry for entry in json.loads(cli("queue", "--json").stdout)["jobs"]}
+        assert set(queued[live]) >= JOB_FIELDS
+        assert (queued[live]["state"], queued[live]["finished"], queued[live]["name"]) == (
+            "RUNNING",
+            False,
+            "json-live",
+        )
+        assert queued[live]["exit_code"] is None and queued[live]["node"] and queued[live]["time_left"]
+        history = json.loads(cli("history", "--json").stdout)["jobs"]
+        assert [entry["job_id"] for entry in history] == [failed, live]  # oldest first
+        assert all(set(entry) >= HISTORY_FIELDS for entry in history)
+        assert (history[0]["server"], history[0]["name"], history[0]["user"]) == (
+            profile_name,
+            "json-failed",
+            "slftest",
+        )
+        assert isinstance(history[0]["submitted"], (int, float)) and history[0]["array"] == ""
+        servers = json.loads(cli("server", "list", "--json").stdout)
+        assert servers["default"] == profile_name
+        (entry,) = servers["servers"]
+        assert set(entry) >= SERVER_FIELDS
+        assert (entry["name"], entry["host"], entry["user"], entry["port"]) == (
+            profile_name,
+            "127.0.0.1",
+            "slftest",
+            2222,
+        )
+        for name, document in (("jobs", waited.stdout), ("servers", json.dumps(servers))):
+            jsonschema.validate(json.loads(document), sl_forgery.JSON_SCHEMAS[name])
+    finally:
+        cli("cancel", live)
 
 
 def on_terminal(*args: str, env: dict[str, str]) -> str:
@@ -169,17 +263,16 @@ def test_job_states_are_coloured_on_a_terminal_only(profile_name):
     assert listing.stdout.splitlines()[0].split() == ["NAME", "DEFAULT", "DESTINATION", "AUTH"]
 
 
-def test_dry_run_leaves_the_cluster_untouched(profile_name, cluster, tmp_path):
-    name = f"dry-{os.getpid()}-{time.time_ns()}"
+def test_dry_run_leaves_the_cluster_untouched(profile_name, cluster, tmp_path, unique_name):
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\n#SBATCH --time=1\necho hi\n")
-    submitted = cli("submit", "--dry-run", "--name", name, str(script))
-    ran = cli("run", "--dry-run", "--name", name, "--env", "analysis", "--", "echo", "hi")
+    submitted = cli("-v", "submit", "--dry-run", "--name", unique_name, str(script))
+    ran = cli("-v", "run", "--dry-run", "--name", unique_name, "--env", "analysis", "--", "echo", "hi")
     assert submitted.returncode == 0 and "echo hi" in submitted.stdout and "sbatch --parsable" in submitted.stderr
     assert ran.returncode == 0 and ran.stdout.startswith("#!/bin/bash\n#SBATCH")
-    time.sleep(1)
-    seen = cluster.ssh(f"sacct -X -n -P -S now-1hour --name={name} -o JobID; squeue -h --name={name} -o %i").stdout
-    assert seen == ""
+    # -v shows every ssh command: there is none, and no connection was opened.
+    assert "+ ssh" not in submitted.stderr + ran.stderr and own_masters() == {}
+    assert cluster.ssh(f"squeue -h --states=all --name={unique_name} -o %i").stdout == ""
     assert not sl_forgery.history_path().exists()
 
 
@@ -212,13 +305,15 @@ def test_doctor_passes_on_a_healthy_setup_and_reports_a_broken_keyring(profile_n
     assert "FAIL" in keyring_row and "Secret Service" in keyring_row and f"needed for {profile_name}" in keyring_row
 
 
+@pytest.mark.exclusive
 def test_doctor_reports_a_stopped_sshd(profile_name, cluster):
-    sl_forgery.Server.from_profile(profile_name).connection.disconnect()
     pid = int((cluster.state / "run" / "sshd.pid").read_text())
     os.kill(pid, signal.SIGTERM)
     try:
+        # Until the listener is gone; an exited daemon may linger as a zombie (state Z) for a while here.
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while process_state(pid) not in ("", "Z"):
+            assert time.monotonic() < deadline, "sshd did not stop"
             time.sleep(0.1)
         result = cli("doctor")
         assert result.returncode == 1
