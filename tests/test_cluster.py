@@ -26,7 +26,8 @@ def test_slurm_commands_answer_over_ssh_with_a_key(cluster):
     assert "idle" in cluster.ssh("sinfo -h -o %T").stdout
     job_id = cluster.ssh("sbatch --parsable --wrap 'exit 3'").stdout.strip()
     assert job_id.isdigit()
-    assert cluster.ssh(f"squeue -h --states=all -j {job_id} -o %i").stdout.strip() in (job_id, "")
+    # squeue keeps an ended job for minutes (MinJobAge), so a job just submitted is always listed.
+    assert cluster.ssh(f"squeue -h --states=all -j {job_id} -o %i").stdout.strip() == job_id
     assert _sacct_row(cluster, job_id) == f"{job_id}|FAILED|3:0"
 
 

@@ -31,8 +31,9 @@ def status_urls(url: str) -> tuple[str, str]:
     return f"{base}/api/status?token={token}", f"{base}/api/status"
 
 
-def running_jobs(cluster) -> set[str]:
-    return set(cluster.ssh("squeue -h -u slftest -o %i").stdout.split())
+def last_submitted() -> str:
+    """The id of the job this test submitted last, from its own private history."""
+    return json.loads(cli("history", "--json").stdout)["jobs"][-1]["job_id"]
 
 
 def test_a_server_answers_with_its_token_only_and_the_token_stays_off_the_server(server, cluster):
@@ -114,20 +115,20 @@ def test_detach_list_connect_and_stop_with_the_original_command(profile_name, cl
 
 
 def test_an_environment_without_jupyterlab_gives_a_clear_error_and_no_running_job(profile_name, cluster):
-    before = running_jobs(cluster)
     result = cli("jupyter", "--env", "analysis", "--mem", "1")
     assert result.returncode == 1
-    assert "ended FAILED before its server answered" in result.stderr
+    job_id = last_submitted()
+    assert f"Jupyter job {job_id} ended FAILED before its server answered" in result.stderr
     assert "jupyter: command not found" in result.stderr
-    assert running_jobs(cluster) <= before
+    assert cluster.job_state(job_id) == "FAILED"
 
 
 def test_a_job_that_cannot_start_in_time_is_cancelled(profile_name, cluster):
-    before = running_jobs(cluster)
     result = cli("jupyter", "--env", "jupyter", "--mem", "1", "--partition", "long", "--wait-timeout", "0.5")
-    assert result.returncode == 124 and "did not start within 0.5 s" in result.stderr
-    time.sleep(1)
-    assert running_jobs(cluster) <= before
+    assert result.returncode == 124
+    job_id = last_submitted()
+    assert f"Jupyter job {job_id} did not start within 0.5 s" in result.stderr
+    assert cluster.wait_for_state(job_id, {"CANCELLED"}) == "CANCELLED"
 
 
 # ---- as a user meets it: a kernel through the printed URL, and JupyterLab in a browser ------------------------------
