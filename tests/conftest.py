@@ -99,14 +99,12 @@ def _locked(path: Path, mode: int) -> int:
 
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
-    """The running test cluster. scripts/test brings it up and down around the suite; a bare ``pytest`` starts it
-    when it is not up, and brings it down at the end only when it started it and no other run is using it."""
+    """The running test cluster, started when it is not up. It is never brought down here: other runs of the suite,
+    a demo or a benchmark may be using it, and none of them tells this run so. scripts/test, which brought it up,
+    brings it down; otherwise `scripts/cluster down` does."""
     env = _cluster_env()
     state = Path(env["SLF_CLUSTER_STATE"])
     state.mkdir(parents=True, exist_ok=True)
-    # Held (shared) for the whole run: the run that started the cluster stops it only when it alone holds this.
-    session = _locked(state / "sessions.lock", fcntl.LOCK_SH)
-    started_here = False
     # Under a shared test lock, so that a daemon an exclusive test stopped on purpose is not restarted under it.
     test_lock = _locked(state / "tests.lock", fcntl.LOCK_SH)
     try:
@@ -115,12 +113,11 @@ def cluster() -> Cluster:
             try:
                 if subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode != 0:
                     subprocess.run([str(CLUSTER), "up"], check=True)
-                    started_here = True
             finally:
                 os.close(up_lock)
     finally:
         os.close(test_lock)
-    yield Cluster(
+    return Cluster(
         state=state,
         host=env["SLF_CLUSTER_HOST"],
         port=int(env["SLF_CLUSTER_PORT"]),
@@ -134,16 +131,6 @@ def cluster() -> Cluster:
         host_key=Path(env["SLF_CLUSTER_HOST_KEY"]),
         slurm_conf=env["SLURM_CONF"],
     )
-    try:
-        if started_here:
-            try:
-                fcntl.flock(session, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print("\nthe test cluster stays up: another test run is using it", file=sys.stderr)
-            else:
-                subprocess.run([str(CLUSTER), "down"], check=True)
-    finally:
-        os.close(session)
 
 
 @pytest.fixture(autouse=True)

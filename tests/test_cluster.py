@@ -159,6 +159,7 @@ def _variant(name: str):
         subprocess.run([str(CLUSTER), "variant", name, "off"], check=True, capture_output=True)
 
 
+@pytest.mark.exclusive
 def test_maxsessions_variant_refuses_a_second_session_over_one_connection(cluster, tmp_path):
     socket = tmp_path / "m.sock"
     mux = ["-o", f"ControlPath={socket}", "-o", "ProxyCommand=false"]
@@ -194,6 +195,7 @@ def _askpass_script(path: Path, code_command: str, prompts: Path) -> Path:
     return path
 
 
+@pytest.mark.exclusive
 def test_otp_variant_asks_a_one_time_code_after_the_key_and_refuses_a_wrong_one(cluster, tmp_path):
     secret = Path(_bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
     prompts = tmp_path / "prompts"
