@@ -4009,7 +4009,12 @@ def cmd_queue(args: Any) -> int:
 
 def cmd_history(args: Any) -> int:
     since = time.time() - parse_duration(args.since) if args.since else 0
-    records = [r for r in load_job_records(args.server).values() if r.submitted >= since]
+    # A server (--server, else SL_FORGERY_SERVER) filters; without one, every server's jobs are listed.
+    server = args.server or os.environ.get("SL_FORGERY_SERVER")
+    remembered = load_job_records(server)
+    if server and not remembered:
+        load_config().profile(server)  # a mistyped name fails as it does for every command
+    records = [r for r in remembered.values() if r.submitted >= since]
     records.sort(key=lambda record: record.submitted)
     if args.json:
         _print_json({"jobs": [record._asdict() for record in records]})
@@ -4277,6 +4282,11 @@ def cmd_server_add(args: Any) -> int:
         setup=args.setup,
         partition=args.partition,
         account=args.account,
+        control_persist=(
+            DEFAULT_CONTROL_PERSIST
+            if args.control_persist is None
+            else _check_int("--control-persist", args.control_persist)
+        ),
     )
     _check_new_profile(profile)
     if args.accept_host_key:
@@ -4491,6 +4501,8 @@ def cmd_jupyter(args: Any) -> int:
         env_manager=args.env_manager,
     )
     if args.dry_run:
+        if args.json:
+            raise UsageError("--dry-run prints the job script, not JSON: leave out --json")
         return _print_dry_run(
             server, job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], []
         )
@@ -4500,7 +4512,12 @@ def cmd_jupyter(args: Any) -> int:
         if error.log_tail.strip():
             print(f"--- last lines of the job's error log ---\n{error.log_tail.rstrip()}", file=sys.stderr)
         raise
-    print(job.url, flush=True)
+    if args.json:
+        # The document `jupyter list --json` prints, for this server alone: scripts get the job id to stop it by.
+        _print_json({"servers": [_jupyter_entry(job, server.job_info([job.job_id])[job.job_id])]})
+        sys.stdout.flush()
+    else:
+        print(job.url, flush=True)
     if args.open:
         import webbrowser
 
@@ -4540,24 +4557,21 @@ def browser_redirect_file(job: JupyterJob) -> Path:
     return path
 
 
+def _jupyter_entry(job: JupyterJob, info: JobInfo) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "state": info.status.value,
+        "node": info.node or job.host,
+        "time_left": info.time_left,
+        "url": job.url,
+    }
+
+
 def cmd_jupyter_list(args: Any) -> int:
     server = _open_server(args)
     running = server.list_jupyter()
     if args.json:
-        _print_json(
-            {
-                "servers": [
-                    {
-                        "job_id": job.job_id,
-                        "state": info.status.value,
-                        "node": info.node or job.host,
-                        "time_left": info.time_left,
-                        "url": job.url,
-                    }
-                    for job, info in running
-                ]
-            }
-        )
+        _print_json({"servers": [_jupyter_entry(job, info) for job, info in running]})
     elif running:
         _print_table(
             ["JOBID", "STATE", "NODE", "TIME LEFT", "URL"],
@@ -4856,6 +4870,13 @@ def get_parser() -> Any:
     add.add_argument("--setup", action="append", metavar="LINE", help="a shell line every job runs first (repeatable)")
     add.add_argument("--partition")
     add.add_argument("--account")
+    add.add_argument(
+        "--control-persist",
+        type=int,
+        metavar="SECONDS",
+        help=f"how long an idle connection stays open; a password or 2FA is asked again after (default "
+        f"{DEFAULT_CONTROL_PERSIST})",
+    )
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--password", action="store_true", help="prompt for a password and keep it in the OS keyring")
     secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -4980,8 +5001,9 @@ def _read_trusted_cache(path: Path) -> str | None:
             return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
+def main(argv: Sequence[str] | None = None, *, command_name: str | None = None) -> int:
+    """Run the command line; returns the exit code (see EXIT_CODES_HELP). ``command_name`` is the name the first
+    word's command goes by when it is installed as a program of its own (``sl-start-jupyter``)."""
     words = list(sys.argv[1:] if argv is None else argv)
     if words in (["--help"], ["-h"]):
         sys.stdout.write(_cached_text(f"help-{_help_width()}", lambda: get_parser().format_help()))
@@ -4990,6 +5012,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(_cached_text(f"completion-{words[1]}", lambda: completion_script(words[1])))
         return EXIT_OK
     parser = get_parser()
+    if command_name:
+        import argparse
+
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        commands.choices[words[0]].prog = command_name
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
@@ -5005,7 +5032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, JobNotRecorded):
             print(error.job_id, flush=True)  # the job exists: its id is still the result, on stdout
         message = str(error) if args.verbose else str(error).splitlines()[0]
-        print(f"{APP_NAME}: error: {message}", file=sys.stderr)
+        print(f"{command_name or APP_NAME}: error: {message}", file=sys.stderr)
         return error.exit_code
 
 
@@ -5021,6 +5048,9 @@ def console_main() -> None:
     sys.exit(code)
 
 
+LEGACY_DEFAULT_HOST = "cbsuwsun.biohpc.cornell.edu"  # the original sl-create-server-credentials' default -h
+
+
 def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     """The original ``sl-create-server-credentials``: writes server_credentials.yaml, the password to the keyring."""
     import argparse
@@ -5034,7 +5064,7 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "-od", "--output-directory", required=True, help="directory to write server_credentials.yaml in"
     )
-    parser.add_argument("-h", "--host", default="cbsuwsun.biohpc.cornell.edu", help="server host name")
+    parser.add_argument("-h", "--host", help=f"server host name (default {LEGACY_DEFAULT_HOST}, the original's)")
     parser.add_argument("-u", "--username", required=True)
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument(
@@ -5054,6 +5084,10 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
     target = Path(args.output_directory) / "server_credentials.yaml"
+    if args.host is None:
+        # The original command's default, kept so that its old invocations still work; a new user must notice it.
+        args.host = LEGACY_DEFAULT_HOST
+        print(f"sl-create-server-credentials: no -h given: using {LEGACY_DEFAULT_HOST}", file=sys.stderr)
     try:
         if target.exists():
             raise UsageError(f"{target} already exists; remove it first or choose another --output-directory")
@@ -5085,10 +5119,11 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     except SlForgeryError as error:
         print(f"sl-create-server-credentials: error: {error}", file=sys.stderr)
         return error.exit_code
+    written = f"wrote {target} ({args.username}@{args.host})"
     if password:
-        print(f"wrote {target}; the password is in the OS keyring", file=sys.stderr)
+        print(f"{written}; the password is in the OS keyring", file=sys.stderr)
     else:
-        print(f"wrote {target} for key login (no password stored): ssh keys, agent and config apply", file=sys.stderr)
+        print(f"{written} for key login (no password stored): ssh keys, agent and config apply", file=sys.stderr)
     return EXIT_OK
 
 
@@ -5108,7 +5143,8 @@ def _prompt_on_terminal(prompt: str) -> str:
 
 
 def start_jupyter_main(argv: Sequence[str] | None = None) -> int:
-    return main(["jupyter", *(sys.argv[1:] if argv is None else argv)])
+    """The original ``sl-start-jupyter``: ``sl-forgery jupyter`` under its own name."""
+    return main(["jupyter", *(sys.argv[1:] if argv is None else argv)], command_name="sl-start-jupyter")
 
 
 # ``from sl_forgery.server import JobStatus`` (the original package layout) names this same module.
