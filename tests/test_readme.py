@@ -17,6 +17,35 @@ from sl_forgery import Job, JobStatus, SlurmError
 README = (ROOT / "README.md").read_text()
 
 
+def parser_options(parser, path=()) -> dict[str, set[str]]:
+    """Every option string of every command and action, by command path ('' for the top level)."""
+    import argparse
+
+    found = {" ".join(path): set()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for command, options in parser_options(sub, (*path, name)).items():
+                    found.setdefault(command, set()).update(options)
+        else:
+            found[" ".join(path)].update(option for option in action.option_strings if option not in ("-h", "--help"))
+    return found
+
+
+def test_every_option_of_every_command_is_in_the_readme():
+    missing = []
+    commands = parser_options(sl_forgery.get_parser())
+    common = commands[""]  # -s, -v, -q: every command takes them, the README names them once
+    for command, options in commands.items():
+        for word in command.split():
+            if not re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", README):
+                missing.append(f"command {command!r}")
+        for option in sorted(options - common if command else options):
+            if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", README):
+                missing.append(f"{command or 'sl-forgery'} {option}")
+    assert not missing, "not in README.md: " + ", ".join(sorted(set(missing)))
+
+
 # ---- servers ---------------------------------------------------------------------------------------------------
 
 
