@@ -731,6 +731,34 @@ def inject_setup(script: str, setup: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_jupyter_runtime(text: str) -> tuple[str, int, str]:
+    """Host, port and token from a Jupyter server's runtime file; a `JupyterError` for anything else (the file
+    comes from the node, and a cut or foreign one must not become a traceback or a forward to a strange place).
+
+    >>> parse_jupyter_runtime('{"hostname": "node1", "port": 8888, "token": "ab12"}')
+    ('node1', 8888, 'ab12')
+    """
+    import json
+
+    try:
+        details = json.loads(text)
+    except ValueError:
+        details = None
+    if isinstance(details, dict):
+        host, port, token = details.get("hostname"), details.get("port"), details.get("token")
+        if (
+            isinstance(host, str)
+            and re.fullmatch(r"[A-Za-z0-9_.:-]+", host)
+            and isinstance(port, int)
+            and not isinstance(port, bool)
+            and 0 < port < 65536
+            and isinstance(token, str)
+            and re.fullmatch(r"[A-Za-z0-9]+", token)
+        ):
+            return host, port, token
+    raise JupyterError("Jupyter's runtime file on the node is not one Jupyter wrote (no hostname, port and token)")
+
+
 def inject_exit_record(script: str) -> str:
     """Add the exit record to a user's own shell script, after its ``#SBATCH`` block (sbatch stops reading
     directives at the first command). Scripts that are not sh or bash are returned unchanged.
@@ -2297,7 +2325,7 @@ def desktop_notifier_argv(title: str, text: str, platform: str, notify_send: str
     'display notification "say \\"hi\\"" with title "T"'
     """
     if platform.startswith("linux") and notify_send:
-        return [notify_send, f"--app-name={APP_NAME}", title, text]
+        return [notify_send, f"--app-name={APP_NAME}", "--", title, text]  # a job named "-i x" is still text
     if platform == "darwin":
 
         def quoted(value: str) -> str:
@@ -2940,7 +2968,7 @@ class Server:
         """The user's home directory on the server, asked once and remembered on this machine."""
         import json
 
-        cache_path = state_dir() / "homes.json"
+        cache_path = _private_dir(state_dir()) / "homes.json"
         try:
             cache = json.loads(_read_state_file(cache_path, "the cache of home directories") or "{}")
         except ValueError:
@@ -3303,7 +3331,6 @@ class Server:
         self, job: JupyterJob, wait_timeout: float | None, on_change: Callable[[JobInfo], None] | None
     ) -> None:
         """Wait for Jupyter's runtime file, read it over the master and remove it (it holds the token)."""
-        import json
 
         runtime = shlex.quote(job.runtime_directory)
         read = (
@@ -3330,8 +3357,7 @@ class Server:
             if last is not None and last.status is JobStatus.RUNNING:
                 text = self.connection.run(read, what="reading Jupyter's runtime file").stdout
                 if text.strip():
-                    details = json.loads(text)
-                    job.host, job.port, job.token = details["hostname"], int(details["port"]), details["token"]
+                    job.host, job.port, job.token = parse_jupyter_runtime(text)
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 state = f"{last.status}, {last.reason}" if last and last.reason else str(last.status if last else "")

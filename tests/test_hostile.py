@@ -580,8 +580,8 @@ CASES = [
          both(config(UNREACHABLE), lambda world: world.mkdir(world.state / "jupyter.json") and None), ["{state}"]),
     # Legacy credentials files.
     Case("create-credentials-without-terminal-or-stdin",
-         ["-od", "{root}/out", "-h", "h", "-u", "u"], 2, "no terminal to ask the password on", program="sl-create-server-credentials",
-         unchanged=["{root}/out"]),
+         ["-od", "{root}/out", "-h", "h", "-u", "u"], 2, "no terminal to ask the password on",
+         program="sl-create-server-credentials", unchanged=["{root}/out"]),
     Case("create-credentials-into-a-directory-anyone-can-write",
          ["-od", "{root}/open", "-h", "h", "-u", "u"], 2, "is writable by every user (mode 0777)",
          lambda world: world.mkdir(world.root / "open", 0o777) and None, ["{root}/open"], stdin="typed\n",
@@ -770,14 +770,32 @@ def test_sl_forgery_itself_refuses_the_copied_file_naming_the_line(hostile_serve
     assert ran(hostile_servers_file) == []
 
 
-def test_a_job_whose_history_cannot_be_written_still_gives_its_id(profile_name, cluster):
+@pytest.mark.parametrize("obstacle", ["history-is-a-directory", "state-dir-links-to-the-neighbours"])
+def test_a_job_whose_history_cannot_be_written_still_gives_its_id(obstacle, profile_name, cluster, users):
+    world = World(users, victim=False)  # a place the neighbour can reach
+    try:
+        check_history_obstacle(obstacle, world, users, cluster)
+    finally:
+        world.close()
+
+
+def check_history_obstacle(obstacle: str, world: World, users, cluster) -> None:
     history = sl_forgery.history_path()
-    history.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-    history.mkdir()  # nothing can be appended to it
+    history.parent.parent.mkdir(parents=True, exist_ok=True)
+    if obstacle == "history-is-a-directory":
+        history.mkdir(parents=True)  # nothing can be appended to it
+        reason = "Is a directory"
+    else:
+        theirs = world.theirs / "state"
+        as_user(users[NEIGHBOUR], ["mkdir", "-m", "1777", str(theirs)], check=True)
+        history.parent.symlink_to(theirs)
+        reason = "is a symbolic link"
     result = cli("run", "--mem", "0.25", "--", "true")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     job_id = result.stdout.strip()
     assert job_id.isdigit(), result.stdout
     assert f"job {job_id} was submitted, but it could not be added to the job history {history}" in result.stderr
-    assert "Is a directory" in result.stderr
+    assert reason in result.stderr
+    if obstacle != "history-is-a-directory":
+        assert os.listdir(theirs) == []
     assert job_id in cluster.ssh(f"squeue -h -j {job_id} -o %i; sacct -n -X -j {job_id} -o JobID").stdout

@@ -311,7 +311,10 @@ def test_the_end_notice_names_the_job_its_state_and_exit_code():
     many = [JobInfo("1", JobStatus.COMPLETED, 0), JobInfo("2", JobStatus.COMPLETED, 0), one[0]]
     assert sl_forgery.end_notice(many, "lab") == ("sl-forgery: 3 jobs ended", "2 COMPLETED, 1 FAILED on lab")
     linux = sl_forgery.desktop_notifier_argv("T", "x", "linux", "/usr/bin/notify-send")
-    assert linux == ["/usr/bin/notify-send", "--app-name=sl-forgery", "T", "x"]
+    assert linux == ["/usr/bin/notify-send", "--app-name=sl-forgery", "--", "T", "x"]
+    # A job's name is the user's to choose (and the scheduler's to report): never an option of notify-send.
+    hostile = sl_forgery.desktop_notifier_argv("T", "--icon=/etc/x on lab", "linux", "/usr/bin/notify-send")
+    assert hostile.index("--") < hostile.index("--icon=/etc/x on lab")
     assert sl_forgery.desktop_notifier_argv("T", "x", "linux", None) is None
     assert sl_forgery.desktop_notifier_argv("T", "x", "win32", None) is None
     mac = sl_forgery.desktop_notifier_argv('say "hi"', "back\\slash", "darwin", None)
@@ -327,3 +330,21 @@ def test_a_report_waits_for_sacct_to_record_the_steps_of_a_job_that_ran():
     assert not sl_forgery.usage_settled(step_running.replace("RUNNING", "COMPLETED").replace("1G", "16?"))
     assert sl_forgery.usage_settled("8|CANCELLED by 0|0:0|00:00:00|00:05:00|00:00:00|0||1G|1\n")
     assert not sl_forgery.usage_settled("")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        '{"hostname": "node1", "port": 8888',  # cut short
+        "[1, 2]",
+        '{"hostname": "node1", "port": "8888", "token": "ab"}',
+        '{"hostname": "node1 -oProxyCommand=x", "port": 8888, "token": "ab"}',
+        '{"hostname": "node1", "port": 0, "token": "ab"}',
+        '{"hostname": "node1", "port": 8888, "token": "a b"}',
+        '{"hostname": "node1", "port": 8888}',
+    ],
+)
+def test_a_jupyter_runtime_file_that_jupyter_did_not_write_is_refused_in_one_line(text):
+    with pytest.raises(sl_forgery.JupyterError, match="runtime file on the node is not one Jupyter wrote"):
+        sl_forgery.parse_jupyter_runtime(text)
