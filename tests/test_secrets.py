@@ -40,16 +40,24 @@ def close_master(profile: sl_forgery.Profile) -> None:
 
 
 def processes_holding(secret: bytes) -> list[str]:
+    """Processes with the secret in their command line or environment, but for those another test started (they
+    carry its private runtime directory): a run of the suite beside this one may pass the same test password on a
+    command line on purpose."""
+    own = f"XDG_RUNTIME_DIR={os.environ['XDG_RUNTIME_DIR']}\0".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        for part in ("cmdline", "environ"):
-            try:
-                if secret in (entry / part).read_bytes():
-                    found.append(f"{entry.name}/{part}")
-            except OSError:
-                continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"XDG_RUNTIME_DIR=/tmp/slr" in environ and own not in environ:
+            continue
+        found += [
+            f"{entry.name}/{part}" for part, text in (("cmdline", command), ("environ", environ)) if secret in text
+        ]
     return found
 
 
