@@ -3452,29 +3452,114 @@ class Server:
 
     # -- files ------------------------------------------------------------------------------------------------------
 
+    # Files travel as the output or input of an ssh call over the master, framed like every other command, not by
+    # scp: scp speaks SFTP, which many sites start through the login shell, so a greeting in its start-up files
+    # (which sl-forgery's own calls step over) breaks every copy.
+
     def push_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
-        self.connection.upload(local_file_path, os.fspath(remote_file_path))
+        remote = shlex.quote(os.fspath(remote_file_path))
+        with open(local_file_path, "rb") as source:
+            self._send(f"cat > {remote}", source, what=f"writing {remote_file_path}")
 
     def pull_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
-        self.connection.download(os.fspath(remote_file_path), local_file_path)
+        """Copy a remote file here; the local file is replaced only once the whole of it has arrived."""
+        local = Path(local_file_path)
+        partial = local.with_name(f".{local.name}.{os.getpid()}.part")
+        try:
+            with open(partial, "wb") as sink:
+                command = f"cat -- {shlex.quote(os.fspath(remote_file_path))}"
+                self._receive(command, sink, what=f"reading {remote_file_path}")
+            os.replace(partial, local)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def push_directory(
         self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]
     ) -> None:
         """Copy a local directory's contents into a remote directory (created if missing)."""
-        remote = os.fspath(remote_directory_path)
-        self.create_directory(remote)
-        sources = [str(entry) for entry in sorted(Path(local_directory_path).iterdir())]
-        if sources:
-            self.connection._scp(sources, self.connection.remote_spec(remote + "/"), recursive=True)
+        import subprocess
+
+        remote = shlex.quote(os.fspath(remote_directory_path))
+        archive = subprocess.Popen(
+            ["tar", "-C", os.fspath(local_directory_path), "-cf", "-", "."],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            self._send(f"mkdir -p -- {remote} && tar -xf - -C {remote}", archive.stdout, what=f"writing {remote}")
+        finally:
+            archive.stdout.close()
+            _, errors = archive.communicate()
+        if archive.returncode != 0:
+            raise CommandError(archive.args, archive.returncode, "", errors.decode(errors="replace"), what="tar")
 
     def pull_directory(
         self, local_directory_path: str | os.PathLike[str], remote_directory_path: str | os.PathLike[str]
     ) -> None:
         """Copy a remote directory's contents into a local directory (created if missing)."""
+        import subprocess
+
         local = Path(local_directory_path)
         local.mkdir(parents=True, exist_ok=True)
-        self.connection.download(os.fspath(remote_directory_path) + "/.", local, recursive=True)
+        # Owned by whoever runs this, not by the remote user's numeric id (which tar keeps when run as root).
+        archive = subprocess.Popen(
+            ["tar", "--no-same-owner", "-xf", "-", "-C", os.fspath(local)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        remote = shlex.quote(os.fspath(remote_directory_path))
+        try:
+            self._receive(f"tar -C {remote} -cf - .", archive.stdin, what=f"reading {remote}")
+        finally:
+            archive.stdin.close()
+            errors = archive.stderr.read()
+            archive.wait()
+        if archive.returncode != 0:
+            raise CommandError(archive.args, archive.returncode, "", errors.decode(errors="replace"), what="tar")
+
+    def _send(self, command: str, source: Any, what: str) -> None:
+        """Run a remote command over the master with ``source`` (a binary file or pipe) as its stdin."""
+        import subprocess
+
+        self.connection.ensure_connected()
+        argv = self.connection.ssh_argv(command)
+        self.connection._log(argv)
+        result = subprocess.run(argv, stdin=source, capture_output=True)
+        if result.returncode != 0:
+            error = SSHError if result.returncode == 255 else CommandError
+            stdout, stderr = (text.decode(errors="replace") for text in (result.stdout, result.stderr))
+            raise error(argv, result.returncode, stdout, stderr, what=what)
+
+    def _receive(self, command: str, sink: Any, what: str) -> None:
+        """Run a remote command over the master and copy its own output, past whatever the login shell printed
+        before it, into ``sink`` (a binary file or pipe) as it comes."""
+        import shutil
+        import subprocess
+        import tempfile
+
+        self.connection.ensure_connected()
+        argv = self.connection.ssh_argv(command)
+        self.connection._log(argv)
+        marker = f"{OUTPUT_MARKER}\n".encode()
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+            assert process.stdout is not None
+            with process.stdout:
+                head = b""
+                while marker not in head:
+                    chunk = process.stdout.read1(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                sink.write(head.partition(marker)[2])
+                shutil.copyfileobj(process.stdout, sink)
+            returncode = process.wait()
+            errors.seek(0)
+            stderr = errors.read().decode(errors="replace")
+        if returncode != 0:
+            raise (SSHError if returncode == 255 else CommandError)(argv, returncode, "", stderr, what=what)
 
     def exists(self, remote_path: str | os.PathLike[str]) -> bool:
         return self.connection.run(f"test -e {shlex.quote(os.fspath(remote_path))}", check=False).returncode == 0

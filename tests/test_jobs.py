@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -362,6 +363,87 @@ def test_file_helpers_round_trip(server, remote_dir, tmp_path):
     assert not server.exists(f"{remote_dir}/copy")
     server.create_directory(f"{remote_dir}/new/deeper")
     assert server.exists(f"{remote_dir}/new/deeper")
+    with pytest.raises(sl_forgery.CommandError) as error:
+        server.pull_file(tmp_path / "never.txt", f"{remote_dir}/missing.txt")
+    assert "No such file" in error.value.summary and f"{remote_dir}/missing.txt" in error.value.summary
+    assert not [path for path in tmp_path.iterdir() if "never" in path.name]  # nothing half-done
+
+
+@pytest.fixture
+def greeting_sftp_server(cluster, tmp_path):
+    """A second sshd for the test cluster, as many sites run it: SFTP through the external sftp-server, which sshd
+    starts through the user's login shell, so whatever the shell's start-up files print reaches the SFTP stream. The
+    tcsh user's start-up file greets on stdout. Yields a profile for that user; the sshd is ended by its pid."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    directory = tmp_path / "sftp-sshd"
+    directory.mkdir()
+    config = (cluster.state / "ssh" / "sshd_config").read_text()
+    config = re.sub(r"(?m)^Port .*$", f"Port {port}", config)
+    config = re.sub(r"(?m)^PidFile .*$", f"PidFile {directory}/sshd.pid", config)
+    config = re.sub(r"(?m)^Subsystem sftp .*$", "Subsystem sftp /usr/lib/openssh/sftp-server", config)
+    config = re.sub(r"(?m)^AllowUsers .*$", "AllowUsers slftcsh", config)
+    (directory / "sshd_config").write_text(config)
+    known_hosts = directory / "known_hosts"
+    host_key = " ".join(Path(f"{cluster.host_key}.pub").read_text().split()[:2])
+    known_hosts.write_text(f"[{cluster.host}]:{port} {host_key}\n")
+    subprocess.run(
+        ["/usr/sbin/sshd", "-f", str(directory / "sshd_config"), "-E", str(directory / "sshd.log")], check=True
+    )
+    deadline = time.monotonic() + 10
+    while not (directory / "sshd.pid").exists():  # written by the daemon once it has forked
+        assert time.monotonic() < deadline, "the second sshd did not start"
+        time.sleep(0.05)
+    pid = int((directory / "sshd.pid").read_text())
+    try:
+        profile = sl_forgery.Profile(
+            name="greeting",
+            host=cluster.host,
+            port=port,
+            user="slftcsh",
+            identity_file=str(cluster.key),
+            ssh_options=[f"UserKnownHostsFile={known_hosts}", "IdentitiesOnly=yes"],
+        )
+        yield profile
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_file_helpers_work_when_the_login_shell_prints(greeting_sftp_server, cluster, tmp_path):
+    remote = f"{cluster.state}/home/slftcsh/files-{uuid.uuid4().hex[:8]}"
+    server = Server(profile=greeting_sftp_server)
+    try:
+        # The greeting is there: scp (SFTP) would read it as a message and fail.
+        profile = greeting_sftp_server
+        plain = subprocess.run(
+            ["ssh", "-p", str(profile.port), "-l", profile.user, "-i", profile.identity_file]
+            + [f"-o{option}" for option in profile.ssh_options]
+            + [profile.host, "true"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        local = tmp_path / "data"
+        (local / "sub dir").mkdir(parents=True)
+        (local / "binary.bin").write_bytes(bytes(range(256)) * 4)
+        (local / "sub dir" / "b c.txt").write_text("beta\n")
+        server.push_directory(local, f"{remote}/copy")
+        assert server.read_file(f"{remote}/copy/sub dir/b c.txt") == "beta\n"
+        back = tmp_path / "back"
+        server.pull_directory(back, f"{remote}/copy")
+        assert (back / "binary.bin").read_bytes() == bytes(range(256)) * 4
+        assert (back / "sub dir" / "b c.txt").read_text() == "beta\n"
+        server.push_file(local / "binary.bin", f"{remote}/single.bin")
+        server.pull_file(tmp_path / "single.bin", f"{remote}/single.bin")
+        assert (tmp_path / "single.bin").read_bytes() == bytes(range(256)) * 4
+    finally:
+        server.remove(remote, recursive=True)
+        server.connection.disconnect()
+    assert "Welcome" in plain.stdout
 
 
 def test_roots_follow_the_original_rules(server, cluster):
