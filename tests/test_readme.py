@@ -32,7 +32,7 @@ def parser_options(parser, path=()) -> dict[str, set[str]]:
     return found
 
 
-def test_every_option_of_every_command_is_in_the_readme():
+def test_every_option_of_every_command_and_every_profile_key_is_in_the_readme():
     missing = []
     commands = parser_options(sl_forgery.get_parser())
     common = commands[""]  # -s, -v, -q: every command takes them, the README names them once
@@ -43,6 +43,9 @@ def test_every_option_of_every_command_is_in_the_readme():
         for option in sorted(options - common if command else options):
             if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", README):
                 missing.append(f"{command or 'sl-forgery'} {option}")
+    for key in sl_forgery.PROFILE_KEYS:
+        if f"| `{key}` |" not in README:
+            missing.append(f"servers.yaml key {key!r} (a row of the profile table)")
     assert not missing, "not in README.md: " + ", ".join(sorted(set(missing)))
 
 
