@@ -591,3 +591,50 @@ def test_jupyter_open_keeps_the_token_out_of_every_local_command_line_and_enviro
     finally:
         assert cli("jupyter", "stop", job_id).returncode == 0
     assert not page.exists()
+
+
+@pytest.mark.exclusive
+def test_a_one_time_code_is_asked_on_the_users_terminal_and_never_answered_with_the_password(
+    secret_service, cluster, home
+):
+    import pty
+
+    from test_cluster import _bed, _variant, unused_code_time
+
+    otp_secret = Path(_bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
+    # A password profile on a server that asks a key, then a one-time code (no password prompt at all).
+    profile = sl_forgery.Profile(
+        name="otp", host="slfc-otp", ssh_config=str(cluster.ssh_config), password_in_keyring=True
+    )
+    save_profile(profile)
+    sl_forgery.store_password(profile.keyring_account, cluster.password)
+    close_master(profile)
+    with _variant("otp"):
+        moment = unused_code_time(cluster, otp_secret)
+        code = subprocess.run(
+            ["oathtool", "--totp", "-N", f"@{moment}", otp_secret], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        pid, terminal = pty.fork()
+        if pid == 0:  # the user's command, on a terminal of its own
+            os.execv(console_script("sl-forgery"), ["sl-forgery", "-s", "otp", "connect"])
+        seen = b""
+        try:
+            deadline = time.monotonic() + 60
+            while b"One-time password" not in seen:
+                assert time.monotonic() < deadline, seen
+                seen += os.read(terminal, 1024)
+            os.write(terminal, f"{code}\n".encode())
+            while True:
+                try:
+                    chunk = os.read(terminal, 1024)
+                except OSError:  # the command ended and its terminal with it
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            status = os.waitpid(pid, 0)[1]
+            os.close(terminal)
+        close_master(profile)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"connected to" in seen and cluster.password.encode() not in seen and code.encode() not in seen
