@@ -57,11 +57,18 @@ class Cluster:
             stdin=subprocess.DEVNULL,
         )
 
-    def logins_from_port(self, client_port: int) -> int:
-        """Logins the test sshd accepted from one client port: the log lines of one connection only, whatever other
-        runs do at the same time."""
+    def sshd_log_mark(self) -> int:
+        """Where the test sshd's log ends now: `logins_from_port` counts only what it logs after this."""
+        return self.sshd_log.stat().st_size
+
+    def logins_from_port(self, client_port: int, since: int) -> int:
+        """Logins the test sshd accepted from one client port since a mark: the log lines of one connection only,
+        whatever other runs do at the same time (a port is used again only after its connection has closed)."""
+        with self.sshd_log.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
         pattern = rf"^Accepted \S+ for {re.escape(self.user)} from \S+ port {client_port} "
-        return len(re.findall(pattern, self.sshd_log.read_text(errors="replace"), flags=re.MULTILINE))
+        return len(re.findall(pattern, text, flags=re.MULTILINE))
 
     def served_host_key(self) -> str:
         """The host key sshd serves right now, as ssh-keyscan sees it."""

@@ -237,9 +237,10 @@ def test_a_job_past_its_time_limit_reads_timeout(server, remote_dir):
 
 
 def test_fifty_calls_use_one_connection(server, cluster):
+    mark = cluster.sshd_log_mark()
     ports = {client_port(server.connection) for _ in range(50)}
     assert len(ports) == 1 and len(own_masters()) == 1
-    assert cluster.logins_from_port(ports.pop()) == 1  # one login, for the master
+    assert cluster.logins_from_port(ports.pop(), since=mark) == 1  # one login, for the master
 
 
 def test_connect_and_disconnect_open_and_close_the_shared_connection(profile_name):
@@ -332,12 +333,13 @@ def test_follow_says_so_when_every_lasting_session_is_taken(profile_name, cluste
 def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
     first_port = client_port(server.connection)
     (killed,) = own_masters().values()
+    mark = cluster.sshd_log_mark()
     os.kill(killed, signal.SIGKILL)
     # Every call after the kill goes through one new master: a call that bypassed it would show its own port.
     ports = {client_port(server.connection) for _ in range(5)}
     assert len(ports) == 1 and ports != {first_port}
     (restarted,) = own_masters().values()
-    assert restarted != killed and cluster.logins_from_port(ports.pop()) == 1
+    assert restarted != killed and cluster.logins_from_port(ports.pop(), since=mark) == 1
 
 
 def test_a_failed_remote_command_raises_with_command_code_and_stderr(server):

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 import sl_forgery
-from conftest import ROOT, cli, console_script
+from conftest import ROOT, cli, console_script, own_masters, process_state
 
 
 def http_status(url: str) -> int:
@@ -102,7 +102,12 @@ def test_detach_list_connect_and_stop_with_the_original_command(profile_name, cl
     listed = document["servers"]
     assert [entry["url"] for entry in listed] == [url] and listed[0]["state"] == "RUNNING"
     job_id = listed[0]["job_id"]
+    (master,) = own_masters().values()
     sl_forgery.Server.from_profile(profile_name).connection.disconnect()  # the tunnel goes with the connection
+    deadline = time.monotonic() + 30
+    while process_state(master) not in ("", "Z"):  # ssh -O exit returns before the master has closed its ports
+        assert time.monotonic() < deadline, "the master outlived disconnect"
+        time.sleep(0.1)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(status_urls(url)[0], timeout=5)
     reconnected = cli("jupyter", "connect", job_id)

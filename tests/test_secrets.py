@@ -388,11 +388,12 @@ def test_proxyjump_from_an_ssh_config_works_and_calls_still_share_one_connection
     profile = sl_forgery.Profile(name="jumped", host="behind-gateway", ssh_config=str(ssh_config))
     save_profile(profile)
     connection = sl_forgery.SSHConnection(profile)
+    mark = cluster.sshd_log_mark()
     assert connection.connect()
     (master,) = own_masters().values()
     # The gateway's own sshd session opens the inner connection; the server sees it come from 127.0.0.1 too.
     ports = {client_port(connection) for _ in range(10)}
-    assert len(ports) == 1 and cluster.logins_from_port(ports.pop()) == 1
+    assert len(ports) == 1 and cluster.logins_from_port(ports.pop(), since=mark) == 1
     assert list(own_masters().values()) == [master]
     # One ssh to the gateway carries it (OpenSSH runs ProxyJump as `ssh -F CONFIG -W HOST:PORT gateway`).
     jump = subprocess.run(["pgrep", "-f", f"ssh -F {ssh_config} .*-W .* gateway"], capture_output=True, text=True)
