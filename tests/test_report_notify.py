@@ -117,6 +117,7 @@ def test_run_wait_notify_shows_the_jobs_end_on_the_desktop(profile_name, fake_no
     job_id = result.stdout.splitlines()[0]
     assert calls.read_text().splitlines() == [
         "--app-name=sl-forgery",
+        "--",  # the end of options: a job's name is never read as one
         f"sl-forgery: job {job_id} FAILED",
         "sh on test, exit code 3",
     ]
@@ -129,7 +130,7 @@ def test_the_profiles_notify_default_and_no_notify(profile_name, fake_notify_sen
     config.save()
     job_id = cli("run", "--mem", "0.25", "--", "true").stdout.strip()
     assert cli("wait", job_id, env=env).returncode == 0
-    assert calls.read_text().splitlines()[1] == f"sl-forgery: job {job_id} COMPLETED"
+    assert calls.read_text().splitlines()[1:3] == ["--", f"sl-forgery: job {job_id} COMPLETED"]
     calls.unlink()
     assert cli("wait", "--no-notify", job_id, env=env).returncode == 0
     assert not calls.exists()
