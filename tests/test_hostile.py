@@ -5,6 +5,7 @@ root (root ignores file modes, and its /tmp/slf-0 is in use by the running clust
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
@@ -609,6 +610,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.name) for case in CASES])
 def test_hostile_input(case: Case, users) -> None:
+    # The victim's fallback control directory, /tmp/slf-UID, is the same for every run of the suite: two runs at once
+    # take turns at the cases that run as the victim.
+    victim_turn = os.open("/tmp/slfh-victim.lock", os.O_RDWR | os.O_CREAT, 0o600) if case.victim else None
+    if victim_turn is not None:
+        fcntl.flock(victim_turn, fcntl.LOCK_EX)
     world = World(users, victim=case.victim)
     try:
         if case.prepare:
@@ -660,7 +666,11 @@ def test_hostile_input(case: Case, users) -> None:
         for path, before in modes.items():
             assert mode_of(world.path(path)) == before, f"the mode of {path} changed"
     finally:
-        world.close()
+        try:
+            world.close()  # removes what the case planted in /tmp/slf-UID
+        finally:
+            if victim_turn is not None:
+                os.close(victim_turn)
 
 
 def test_the_table_is_long_enough_and_its_names_unique() -> None:
