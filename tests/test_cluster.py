@@ -195,7 +195,6 @@ def _askpass_script(path: Path, code_command: str, prompts: Path) -> Path:
     return path
 
 
-@pytest.mark.exclusive
 def unused_code_time(cluster, secret: str) -> int:
     """A time whose 30 s step has a code pam_oath will take: ahead of now, and after the step of the last code used
     (a run just before this one, of this suite or another, may have used the one for now + 60 s)."""
@@ -220,6 +219,7 @@ def unused_code_time(cluster, secret: str) -> int:
     return moment
 
 
+@pytest.mark.exclusive
 def test_otp_variant_asks_a_one_time_code_after_the_key_and_refuses_a_wrong_one(cluster, tmp_path):
     secret = Path(_bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
     prompts = tmp_path / "prompts"
