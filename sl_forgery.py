@@ -665,6 +665,8 @@ class JupyterJob(Job):
         super().__init__(job_name, output_log, error_log, working_directory, conda_environment, **job_arguments)
         self.notebook_directory = _remote_path("notebook_directory", notebook_directory)
         self.port = _check_int("port", port, minimum=0)
+        if self.port > 65535:
+            raise UsageError(f"port must be at most 65535 (0: any free port), not {self.port}")
         try:
             self.jupyter_args = shlex.split(_check_text("jupyter_args", jupyter_args, allow_empty=True))
         except ValueError as error:

@@ -512,6 +512,8 @@ CASES = [
          script(SCRIPT)),
     Case("jupyter-mem-inf", ["jupyter", "--dry-run", "--env", "e", "--mem", "inf"], 2,
          "--mem must be a positive number of gigabytes, not inf"),
+    Case("jupyter-port-too-big", ["jupyter", "--dry-run", "--env", "e", "--port", "70000"], 2,
+         "port must be at most 65535 (0: any free port), not 70000"),
     Case("jupyter-args-with-an-open-quote", ["jupyter", "--dry-run", "--env", "e", "--jupyter-args", "'"], 2,
          "jupyter_args \"'\" cannot be split into words as a shell would (No closing quotation)"),
     Case("submit-script-not-utf8", ["submit", "--dry-run", "{root}/job.sh"], 2,
