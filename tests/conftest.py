@@ -98,9 +98,36 @@ def _cluster_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
 
+# No test of this suite needs the cluster for this long: a lock not had by then is held by a run that hangs.
+LOCK_DEADLINE = 900
+
+
+class LockTimeout(Exception):
+    pass
+
+
 def _locked(path: Path, mode: int) -> int:
+    """The lock file, flocked in ``mode``; fails after LOCK_DEADLINE seconds instead of waiting forever."""
+    import signal
+
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    fcntl.flock(descriptor, mode)
+
+    def give_up(*_: object) -> None:
+        raise LockTimeout(
+            f"{path} was not free within {LOCK_DEADLINE} s: another run of the suite holds it "
+            f"(see the FLOCK lines for inode {os.fstat(descriptor).st_ino} in /proc/locks)"
+        )
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(LOCK_DEADLINE)
+    try:
+        fcntl.flock(descriptor, mode)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     return descriptor
 
 
