@@ -5072,6 +5072,14 @@ def _help_width() -> int:
         return 80
 
 
+def _check_durations(args: Any) -> None:
+    """Refuse a --timeout or --wait-timeout that is not a number of seconds (nan, inf, negative) by its name."""
+    for name in ("timeout", "wait_timeout"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < float("inf"):
+            raise UsageError(f"--{name.replace('_', '-')} must be a number of seconds (0 or more), not {value:g}")
+
+
 def _cached_text(key: str, produce: Callable[[], str]) -> str:
     """Text that depends only on this file (help, completion scripts), kept in the user's cache directory so that
     shells sourcing ``sl-forgery completion bash`` at start-up do not build the parser every time. Only this user's
@@ -5137,6 +5145,7 @@ def main(argv: Sequence[str] | None = None, *, command_name: str | None = None) 
     if not getattr(args, "handler", None):
         return _print_usage(parser)
     try:
+        _check_durations(args)
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"\n{APP_NAME}: interrupted", file=sys.stderr)
