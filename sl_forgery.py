@@ -187,7 +187,7 @@ class CommandError(SlForgeryError):
 
 
 class SSHError(CommandError):
-    """ssh or scp failed: no connection, authentication refused, host key rejected, or a timeout."""
+    """ssh failed: no connection, authentication refused, host key rejected, or a timeout."""
 
     exit_code = EXIT_SSH
 
@@ -2566,16 +2566,16 @@ class SSHConnection:
 
     # -- argv -----------------------------------------------------------------------------------------------------
 
-    def _target_args(self, for_scp: bool = False) -> list[str]:
+    def _target_args(self) -> list[str]:
         profile = self.profile
         args = []
         ssh_config = profile.ssh_config or os.environ.get("SL_FORGERY_SSH_CONFIG")
         if ssh_config:
             args += ["-F", os.path.expanduser(ssh_config)]
         if profile.port:
-            args += ["-P" if for_scp else "-p", str(profile.port)]
+            args += ["-p", str(profile.port)]
         if profile.user:
-            args += ["-o", f"User={profile.user}"] if for_scp else ["-l", profile.user]
+            args += ["-l", profile.user]
         if profile.identity_file:
             args += ["-i", os.path.expanduser(profile.identity_file)]
         for option in profile.ssh_options:
@@ -2848,22 +2848,6 @@ class SSHConnection:
         if not self.is_connected():
             self.connect()
 
-    def _scp(self, sources: Sequence[str], destination: str, recursive: bool) -> None:
-        self.ensure_connected()
-        argv = ["scp", "-q", "-B", *(["-r"] if recursive else []), *self._guard_args(), *self._mux_args()]
-        argv += self._target_args(for_scp=True)
-        argv += [*sources, destination]
-        self._log(argv)
-        result = _run(argv, timeout=None)
-        if result.returncode != 0:
-            raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="scp")
-
-    def remote_spec(self, path: str) -> str:
-        return f"{self.profile.host}:{path}"
-
-    def upload(self, local: str | os.PathLike[str], remote: str, recursive: bool = False) -> None:
-        self._scp([os.fspath(local)], self.remote_spec(remote), recursive)
-
     def forward(self, local_port: int, host: str, port: int, cancel: bool = False) -> bool:
         """Add (or cancel) a forward of 127.0.0.1:local_port to host:port on the running master; False when the
         local port is taken."""
@@ -2876,9 +2860,6 @@ class SSHConnection:
                 return False
             raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -O forward")
         return result.returncode == 0
-
-    def download(self, remote: str, local: str | os.PathLike[str], recursive: bool = False) -> None:
-        self._scp([self.remote_spec(remote)], os.fspath(local), recursive)
 
 
 # ======================================================================================================================
