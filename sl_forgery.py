@@ -3,6 +3,18 @@
 A thin layer over the system's OpenSSH (one ControlMaster connection per server, reused by every call) and SLURM
 (sbatch, squeue, sacct, scancel). Jobs are rendered by pure functions, submitted in one round trip, and followed to
 their true end without hammering the scheduler.
+
+Sections, in the order data flows (each uses only the sections above it):
+
+1. Constants         exit codes, defaults, limits.
+2. Errors            SlForgeryError and its tree; `main` maps each to a one-line message and an exit code.
+3. Pure              Job, the table of sbatch options, script rendering, the #SBATCH reader, SubmissionPlan,
+                     JobStatus, squeue/sacct parsers, WaitSchedule. No I/O: data in, data out.
+4. Local state       XDG paths, private files and locks, the servers file, job history, keyring, legacy credentials.
+5. Transport         SSHConnection: the ControlMaster and every ssh and ssh-keyscan call; the only code that runs
+                     them. Remote scripts go to `exec /bin/sh -s` on stdin, whatever the login shell.
+6. SLURM API         Server: submit, status, wait, cancel, logs, keys, Jupyter, files, checks; over one connection.
+7. Command line      argument parsing, one Server call per command, printing; `get_parser()`, `main(argv)`.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ __all__ = [
     "JobNotRecorded",
     "SSHError",
     "SlurmError",
+    "TunnelError",
+    "SessionsBusy",
     "WaitTimeout",
     "UnknownJobError",
     "JupyterError",
@@ -43,6 +57,7 @@ import enum
 import time
 import shlex
 import stat
+import contextlib
 import collections
 from pathlib import Path, PurePosixPath
 
@@ -51,7 +66,7 @@ from pathlib import Path, PurePosixPath
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
-    from typing import Any, Callable, Iterable, Mapping, Sequence
+    from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 APP_NAME = "sl-forgery"
 KEYRING_SERVICE = "sl-forgery"
@@ -67,6 +82,7 @@ SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
 REPORT_SETTLE = 15.0  # seconds a report after a job's end may wait for sacct to record the end of every step
+LOG_SETTLE_SECONDS = 1.0  # after a job ends, what it wrote last reaches a followed log within this
 # sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers, logs --follow) take
 # at most this many, across local commands, so that short calls always find room; a refused call is retried after
 # these pauses.
@@ -163,8 +179,17 @@ def _truncate(text: str, limit: int = 2000) -> str:
 class CommandError(SlForgeryError):
     """A program exited with a non-zero code: keeps what ran, its exit code, stdout and stderr."""
 
-    def __init__(self, argv: Sequence[str], returncode: int, stdout: str = "", stderr: str = "", what: str = ""):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int,
+        stdout: str = "",
+        stderr: str = "",
+        what: str = "",
+        script: str = "",
+    ) -> None:
         self.argv = list(argv)
+        self.script = script  # what a remote call sent to the server's sh on stdin
         self.returncode = returncode
         self.stdout = stdout or ""
         self.stderr = stderr or ""
@@ -180,8 +205,11 @@ class CommandError(SlForgeryError):
         return f"{self.what} {outcome}{reason}"
 
     def __str__(self) -> str:
+        ran = (
+            f"{shlex.join(self.argv)}\n\n  SCRIPT:\n{_truncate(self.script)}" if self.script else shlex.join(self.argv)
+        )
         return (
-            f"{self.summary}\n\n  RAN: {shlex.join(self.argv)}\n\n  EXIT CODE: {self.returncode}"
+            f"{self.summary}\n\n  RAN: {ran}\n\n  EXIT CODE: {self.returncode}"
             f"\n\n  STDOUT:\n{_truncate(self.stdout)}\n\n  STDERR:\n{_truncate(self.stderr)}"
         )
 
@@ -215,6 +243,14 @@ class SSHError(CommandError):
         return super().summary
 
 
+class TunnelError(SSHError):
+    """A port forward over the master could not be made, or nothing answers through it."""
+
+
+class SessionsBusy(SlForgeryError):
+    """Every slot for a lasting session (a watcher, a followed log) on a connection is taken."""
+
+
 class SlurmError(CommandError):
     """A SLURM command (sbatch, squeue, sacct, scancel) refused or failed."""
 
@@ -223,17 +259,18 @@ class SlurmError(CommandError):
 # Pure functions and data: jobs, scripts, states, parsers (no I/O in this section)
 # ======================================================================================================================
 
-_SBATCH_SPECIAL = set(" \t\"\\#'")
+# SLURM splits an #SBATCH line on whatever C's isspace() calls blank and treats both quote characters as quotes;
+# inside double quotes only a backslash escapes, so that is the one form used.
+_SBATCH_SPECIAL = set(" \t\v\f\r\"\\#'")
 
 
 def sbatch_quote(value: str) -> str:
-    r"""Quote a value for an ``#SBATCH`` line. SLURM splits those lines on blanks and treats both quote characters
-    as quotes; inside double quotes only a backslash escapes, so that is the one form used.
+    r"""Quote a value for an ``#SBATCH`` line, so that it stays one value.
 
     >>> print(sbatch_quote("my job's \"name\""))
     "my job's \"name\""
-    >>> sbatch_quote("plain-name_1")
-    'plain-name_1'
+    >>> sbatch_quote("plain-name_1"), sbatch_quote("a\vb")
+    ('plain-name_1', '"a\x0bb"')
     """
     if not any(char in _SBATCH_SPECIAL for char in value):
         return value
@@ -260,6 +297,18 @@ def _check_int(what: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def _check_minutes(what: str, value: object) -> int:
+    return _check_int(f"{what} (minutes)", value)
+
+
+def _check_gigabytes(what: str, value: object) -> float:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{what} must be a positive number of gigabytes, not {value!r}")
+    return value
+
+
 def _remote_path(what: str, value: object) -> str:
     """An absolute path on the server, as POSIX text."""
     path = PurePosixPath(_check_text(what, value))
@@ -268,28 +317,188 @@ def _remote_path(what: str, value: object) -> str:
     return str(path)
 
 
-_MANAGED_OPTIONS = {
-    "job-name",
-    "output",
-    "error",
-    "chdir",
-    "cpus-per-task",
-    "mem",
-    "time",
-    "partition",
-    "account",
-    "qos",
-    "gpus",
-    "nodes",
-    "array",
-    "dependency",
-    "parsable",
-    "wrap",
-}
-_OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=.*)?$")
 _ARRAY_RE = re.compile(r"^[0-9]+(-[0-9]+(:[0-9]+)?)?(,[0-9]+(-[0-9]+(:[0-9]+)?)?)*(%[0-9]+)?$")
 _DEPENDENCY_RE = re.compile(r"^[a-z_]+(:[0-9_+]+)*([,?][a-z_]+(:[0-9_+]+)*)*$|^singleton$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_array(what: str, value: object) -> str:
+    if not _ARRAY_RE.match(_check_text(what, value)):
+        raise UsageError(f"{what} {value!r} is not a SLURM array spec such as '1-10', '0-15:4' or '1,3,5%2'")
+    return str(value)
+
+
+def _check_dependency(what: str, value: object) -> str:
+    if not isinstance(value, str) and isinstance(value, (list, tuple)):
+        value = "afterok:" + ":".join(str(job_id) for job_id in value)
+    if not _DEPENDENCY_RE.match(_check_text(what, value)):
+        raise UsageError(f"{what} {value!r} is not a SLURM dependency such as 'afterok:123:124'")
+    return str(value)
+
+
+def _check_gpus(what: str, value: object) -> str:
+    return _check_text(what, value if isinstance(value, str) else str(_check_int(what, value)))
+
+
+def _mem_option(ram_gb: float) -> str:
+    if float(ram_gb).is_integer():
+        return f"{int(ram_gb)}G"
+    return f"{max(1, round(ram_gb * 1024))}M"
+
+
+class SbatchOption(
+    collections.namedtuple("SbatchOption", "name short field flag kind check render help", defaults=(str, ""))
+):
+    """One sbatch option that sl-forgery sets itself: from a `Job` field (``field``) and, for the resource flags of
+    run, submit and jupyter, from a command-line ``flag`` of type ``kind``; ``check`` validates a value (given what
+    to call it in an error), ``render`` writes it as sbatch reads it. Extra options may not set these again."""
+
+    __slots__ = ()
+
+
+# The one table of managed sbatch options: the job script's header, the #SBATCH reader, the command line's resource
+# flags and the guard on extra options all read it.
+SBATCH_OPTIONS = (
+    SbatchOption("job-name", "J", "job_name", "--name", str, _check_text, help="job name"),
+    SbatchOption("output", "o", "output_log", "", str, _remote_path),
+    SbatchOption("error", "e", "error_log", "", str, _remote_path),
+    SbatchOption(
+        "chdir", "D", "working_directory", "--workdir", str, _remote_path,
+        help="working directory on the server (created if missing)",
+    ),
+    SbatchOption("cpus-per-task", "c", "cpus_to_use", "--cpus", int, _check_int, help="CPUs per task"),
+    SbatchOption("mem", "", "ram_gb", "--mem", float, _check_gigabytes, _mem_option, "memory in GB"),
+    SbatchOption("time", "t", "time_limit", "--time", int, _check_minutes, help="time limit in minutes"),
+    SbatchOption("partition", "p", "partition", "--partition", str, _check_text, help="partition"),
+    SbatchOption("account", "A", "account", "--account", str, _check_text, help="account to charge"),
+    SbatchOption("qos", "q", "qos", "--qos", str, _check_text, help="quality of service"),
+    SbatchOption("gpus", "G", "gpus", "--gpus", str, _check_gpus, help="GPUs (a number, or TYPE:N)"),
+    SbatchOption("nodes", "N", "nodes", "", int, _check_int),
+    SbatchOption("array", "a", "array", "", str, _check_array),
+    SbatchOption("dependency", "d", "dependency", "", str, _check_dependency),
+    # One cluster per server profile: status and cancel must ask the cluster the job went to.
+    SbatchOption("clusters", "M", "", "", str, _check_text),
+    SbatchOption("parsable", "", "", "", str, _check_text),
+    SbatchOption("wrap", "", "", "", str, _check_text),
+)  # fmt: skip
+_OPTION_BY_NAME = {option.name: option for option in SBATCH_OPTIONS}
+
+# Every sbatch option SLURM 22.05 knows: sbatch's getopt_long accepts any unique prefix of one (`--outp=` is
+# `--output=`), so an option is checked by the full name getopt would give it.
+SBATCH_LONG_OPTIONS = frozenset(
+    """account acctg-freq array batch bb bbf begin chdir cluster-constraint clusters comment constraint container
+    contiguous core-spec cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot dependency
+    distribution error exclude exclusive export export-file extra-node-info get-user-env gid gpu-bind gpu-freq gpus
+    gpus-per-node gpus-per-socket gpus-per-task gres gres-flags help hint hold ignore-pbs input job-name
+    kill-on-invalid-dep licenses mail-type mail-user mcs-label mem mem-bind mem-per-cpu mem-per-gpu mincpus network
+    nice no-kill no-requeue nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node
+    ntasks-per-socket open-mode output overcommit oversubscribe parsable partition power prefer priority profile
+    propagate qos quiet reboot requeue reservation signal sockets-per-node spread-job switches test-only thread-spec
+    threads-per-core time time-min tmp uid usage use-min-nodes verbose version wait wait-all-nodes wckey
+    wrap""".split()
+)
+# Options that take no value, or only one joined by "=": the next word is not theirs.
+_SBATCH_FLAG_OPTIONS = frozenset(
+    """contiguous exclusive get-user-env help hold ignore-pbs no-kill no-requeue overcommit oversubscribe parsable
+    quiet reboot requeue spread-job test-only usage use-min-nodes verbose version wait""".split()
+)
+SBATCH_SHORT_OPTIONS = {
+    "a": "array", "A": "account", "b": "begin", "B": "extra-node-info", "c": "cpus-per-task", "C": "constraint",
+    "d": "dependency", "D": "chdir", "e": "error", "F": "nodefile", "G": "gpus", "h": "help", "H": "hold",
+    "i": "input", "J": "job-name", "k": "no-kill", "L": "licenses", "m": "distribution", "M": "clusters",
+    "n": "ntasks", "N": "nodes", "o": "output", "O": "overcommit", "p": "partition", "q": "qos", "Q": "quiet",
+    "s": "oversubscribe", "S": "core-spec", "t": "time", "u": "usage", "v": "verbose", "V": "version",
+    "w": "nodelist", "W": "wait", "x": "exclude",
+}  # fmt: skip
+
+
+def resolve_sbatch_option(word: str) -> str:
+    """The full name sbatch's getopt_long gives a long option written ``--word``: the exact name, else the one
+    option it is a prefix of. A prefix of several, or of none, is refused, as sbatch refuses it.
+
+    >>> resolve_sbatch_option("outp"), resolve_sbatch_option("mem")
+    ('output', 'mem')
+    """
+    if word in SBATCH_LONG_OPTIONS:
+        return word
+    matches = sorted(name for name in SBATCH_LONG_OPTIONS if name.startswith(word))
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(f"sbatch option --{word} is ambiguous ({', '.join('--' + m for m in matches[:3])}, ...)")
+    raise UsageError(f"--{word} is not an sbatch option (see 'man sbatch')")
+
+
+def split_sbatch_words(text: str) -> list[str]:
+    """The words of an ``#SBATCH`` line as SLURM reads them: split on blanks, quotes grouping, backslash escaping.
+
+    >>> split_sbatch_words('--job-name="a b" -o x')
+    ['--job-name=a b', '-o', 'x']
+    """
+    words, word, quote, started, escaped = [], "", "", False, False
+    for char in text:
+        if escaped:
+            word, escaped = word + char, False
+        elif char == "\\":
+            escaped = started = True
+        elif quote:
+            if char == quote:
+                quote = ""
+            else:
+                word += char
+        elif char in "\"'":
+            quote, started = char, True
+        elif char in " \t\v\f\r\n":
+            if started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word, started = word + char, True
+    if started:
+        words.append(word)
+    return words
+
+
+def parse_sbatch_words(words: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Options as (full long name, value or None), read from sbatch arguments as its getopt_long reads them."""
+    options: list[tuple[str, str | None]] = []
+    position = 0
+    while position < len(words):
+        word = words[position]
+        position += 1
+        if word.startswith("--") and len(word) > 2:
+            name, joined, value = word[2:].partition("=")
+            name = resolve_sbatch_option(name)
+            if not joined and name not in _SBATCH_FLAG_OPTIONS and position < len(words):
+                value, position = words[position], position + 1
+            options.append((name, value if joined or name not in _SBATCH_FLAG_OPTIONS else None))
+        elif word.startswith("-") and len(word) > 1 and word[1] in SBATCH_SHORT_OPTIONS:
+            name = SBATCH_SHORT_OPTIONS[word[1]]
+            value = word[2:] or None
+            if value is None and name not in _SBATCH_FLAG_OPTIONS and position < len(words):
+                value, position = words[position], position + 1
+            options.append((name, value))
+        else:
+            raise UsageError(f"{word!r} is not an sbatch option")
+    return options
+
+
+def read_sbatch_directives(script: str) -> dict[str, str | None]:
+    """A script's own ``#SBATCH`` options by full name (the last of each wins), read as sbatch reads them: from the
+    line after the shebang, past blank lines and comments, up to the first command.
+
+    >>> read_sbatch_directives("#!/bin/bash\\n\\n# fit\\n#SBATCH -J fit\\n#SBATCH --outp=/l/%j.out\\necho\\n#SBATCH -p")
+    {'job-name': 'fit', 'output': '/l/%j.out'}
+    """
+    directives: dict[str, str | None] = {}
+    for line in script.split("\n")[1:]:
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            break
+        if stripped.startswith("#SBATCH") and stripped[7:8] in (" ", "\t"):
+            text = stripped[7:].split(" #", 1)[0]
+            directives.update(parse_sbatch_words(split_sbatch_words(text)))
+    return directives
 
 
 def _normalize_sbatch_options(options: Sequence[str] | Mapping[str, object] | None) -> list[str]:
@@ -307,12 +516,17 @@ def _normalize_sbatch_options(options: Sequence[str] | Mapping[str, object] | No
     result = []
     for item in items:
         text = _check_text("an sbatch option", item)
-        match = _OPTION_RE.match(text)
-        if not match:
+        if not re.match(r"^--[a-z]", text):
             raise UsageError(f"sbatch option {text!r} is not of the form --name or --name=value")
-        if match.group(1) in _MANAGED_OPTIONS:
-            raise UsageError(f"sbatch option --{match.group(1)} is set by a Job argument; use that argument instead")
-        result.append(text)
+        name, joined, value = text[2:].partition("=")
+        full_name = resolve_sbatch_option(name)
+        if full_name in _OPTION_BY_NAME:
+            option = _OPTION_BY_NAME[full_name]
+            given = f"--{full_name}" if name == full_name else f"--{name} (--{full_name})"
+            if option.field:
+                raise UsageError(f"sbatch option {given} is set by a Job argument; use that argument ({option.field})")
+            raise UsageError(f"sbatch option {given} is set by sl-forgery itself and cannot be given")
+        result.append(f"--{full_name}{joined}{value}")
     return result
 
 
@@ -355,33 +569,14 @@ class Job:
         setup: Sequence[str] | None = None,
         env_manager: str | None = None,
     ) -> None:
-        self.job_name = _check_text("job_name", job_name)
-        self.output_log = _remote_path("output_log", output_log)
-        self.error_log = _remote_path("error_log", error_log)
-        self.working_directory = _remote_path("working_directory", working_directory)
+        given = dict(locals())
+        for option in SBATCH_OPTIONS:
+            if option.field:
+                value = given[option.field]
+                setattr(self, option.field, None if value is None else option.check(option.field, value))
         self.conda_environment = (
             None if conda_environment is None else _check_text("conda_environment", conda_environment)
         )
-        self.cpus_to_use = _check_int("cpus_to_use", cpus_to_use)
-        if isinstance(ram_gb, bool) or not isinstance(ram_gb, (int, float)) or not 0 < ram_gb < float("inf"):
-            raise UsageError(f"ram_gb must be a positive number of gigabytes, not {ram_gb!r}")
-        self.ram_gb = ram_gb
-        self.time_limit = _check_int("time_limit (minutes)", time_limit)
-        self.partition = None if partition is None else _check_text("partition", partition)
-        self.account = None if account is None else _check_text("account", account)
-        self.qos = None if qos is None else _check_text("qos", qos)
-        if gpus is not None and not isinstance(gpus, str):
-            gpus = _check_int("gpus", gpus)
-        self.gpus = None if gpus is None else _check_text("gpus", str(gpus))
-        self.nodes = None if nodes is None else _check_int("nodes", nodes)
-        if array is not None and not _ARRAY_RE.match(_check_text("array", array)):
-            raise UsageError(f"array {array!r} is not a SLURM array spec such as '1-10', '0-15:4' or '1,3,5%2'")
-        self.array = array
-        if dependency is not None and not isinstance(dependency, str):
-            dependency = "afterok:" + ":".join(str(job_id) for job_id in dependency)
-        if dependency is not None and not _DEPENDENCY_RE.match(_check_text("dependency", dependency)):
-            raise UsageError(f"dependency {dependency!r} is not a SLURM dependency such as 'afterok:123:124'")
-        self.dependency = dependency
         self.environment = dict(environment or {})
         for name, value in self.environment.items():
             if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
@@ -410,34 +605,16 @@ class Job:
         return f"Job(job_name={self.job_name!r}, job_id={self.job_id!r}, working_directory={self.working_directory!r})"
 
 
-def _mem_option(ram_gb: float) -> str:
-    if float(ram_gb).is_integer():
-        return f"{int(ram_gb)}G"
-    return f"{max(1, round(ram_gb * 1024))}M"
-
-
 def render_sbatch_header(job: Job) -> list[str]:
     """The ``#SBATCH`` lines of a job, every value quoted for SLURM's own parser."""
-    options: list[tuple[str, str | int | None]] = [
-        ("job-name", job.job_name),
-        ("output", job.output_log),
-        ("error", job.error_log),
-        ("chdir", job.working_directory),
-        ("cpus-per-task", job.cpus_to_use),
-        ("mem", _mem_option(job.ram_gb)),
-        ("time", job.time_limit),
-        ("partition", job.partition),
-        ("account", job.account),
-        ("qos", job.qos),
-        ("gpus", job.gpus),
-        ("nodes", job.nodes),
-        ("array", job.array),
-        ("dependency", job.dependency),
+    lines = [
+        f"#SBATCH --{option.name}={sbatch_quote(str(option.render(value)))}"
+        for option in SBATCH_OPTIONS
+        if option.field and (value := getattr(job, option.field)) is not None
     ]
-    lines = [f"#SBATCH --{name}={sbatch_quote(str(value))}" for name, value in options if value is not None]
-    for option in job.sbatch_options:
-        name, sep, value = option.partition("=")
-        lines.append(f"#SBATCH {name}{sep}{sbatch_quote(value)}" if sep else f"#SBATCH {name}")
+    for extra in job.sbatch_options:
+        name, joined, value = extra.partition("=")
+        lines.append(f"#SBATCH {name}={sbatch_quote(value)}" if joined else f"#SBATCH {name}")
     return lines
 
 
@@ -639,7 +816,14 @@ def render_job_script(job: Job) -> str:
     return "\n".join(lines)
 
 
+def choose(value: Any, profile: Profile, field: str) -> Any:
+    """The one rule for a job setting: the value given (a flag, an argument), else the server profile's default."""
+    return value if value is not None else getattr(profile, field, None)
+
+
 JUPYTER_RUNTIME_GLOB = "jpserver-*"
+# What a Jupyter job asks for unless told otherwise (a notebook needs more than a batch job's defaults).
+JUPYTER_DEFAULTS = {"cpus_to_use": 2, "ram_gb": 32, "time_limit": 240}
 
 
 class JupyterJob(Job):
@@ -721,16 +905,24 @@ def _shell_script_body_start(lines: Sequence[str]) -> int | None:
     return position
 
 
+def _insert_after_directives(script: str, new_lines: Sequence[str]) -> str | None:
+    """``script`` with ``new_lines`` after its ``#SBATCH`` block, or None when it is not a sh or bash script."""
+    lines = script.split("\n")
+    position = _shell_script_body_start(lines)
+    if position is None:
+        return None
+    lines[position:position] = new_lines
+    return "\n".join(lines) + ("" if script.endswith("\n") else "\n")
+
+
 def inject_setup(script: str, setup: Sequence[str]) -> str:
     """A user's own sh or bash script with set-up lines (see `render_setup`) after its ``#SBATCH`` block."""
     if not setup:
         return script
-    lines = script.splitlines()
-    position = _shell_script_body_start(lines)
-    if position is None:
+    result = _insert_after_directives(script, render_setup([_check_text("a set-up line", line) for line in setup]))
+    if result is None:
         raise UsageError("--setup needs a sh or bash script (#!/bin/sh or #!/bin/bash); put set-up lines in the script")
-    lines[position:position] = render_setup([_check_text("a set-up line", line) for line in setup])
-    return "\n".join(lines) + "\n"
+    return result
 
 
 def parse_jupyter_runtime(text: str) -> tuple[str, int, str]:
@@ -768,28 +960,7 @@ def inject_exit_record(script: str) -> str:
     >>> inject_exit_record("#!/usr/bin/env python3\\nprint(1)\\n")
     '#!/usr/bin/env python3\\nprint(1)\\n'
     """
-    lines = script.splitlines()
-    position = _shell_script_body_start(lines)
-    if position is None:
-        return script
-    lines[position:position] = render_exit_record()
-    return "\n".join(lines) + "\n"
-
-
-def script_directive(script: str, long_name: str, short_flag: str) -> str | None:
-    """The value a script's own ``#SBATCH`` block gives an option (``--output=F``, ``--output F`` or ``-o F``).
-
-    >>> script_directive("#!/bin/bash\\n#SBATCH -J fit\\n#SBATCH --output=/l/%j.out\\necho\\n", "output", "o")
-    '/l/%j.out'
-    """
-    pattern = rf"^#SBATCH\s+(?:--{long_name}[= ]\s*|-{short_flag}\s*)(\S+)"
-    for line in script.splitlines()[1:]:
-        if not line.startswith("#"):
-            break
-        match = re.match(pattern, line)
-        if match:
-            return match.group(1).strip("\"'")
-    return None
+    return _insert_after_directives(script, render_exit_record()) or script
 
 
 def parse_sbatch_id(stdout: str) -> str:
@@ -1132,20 +1303,37 @@ def exit_record_path(working_directory: str, job_id: str) -> str:
     return str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{job_id}.exit"))
 
 
-def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]) -> str:
-    """One remote shell command that asks squeue and sacct about every job and prints any exit records.
+def shell_here_document(text: str) -> tuple[str, str]:
+    """(the start ``<<'DELIMITER'``, the body with its closing line) of a here-document holding ``text`` verbatim,
+    its delimiter chosen so that no line of the text ends it early: data reaches a remote command inside the script
+    itself, never in an argv with its length limit.
 
-    Sections are separated by lines holding only ``@@``; each command's exit code follows its section.
+    >>> shell_here_document("a\\nSLF_END\\n")
+    ("<<'SLF_END_1'", 'a\\nSLF_END\\nSLF_END_1\\n')
+    """
+    lines = set(text.splitlines())
+    delimiter, counter = "SLF_END", 0
+    while delimiter in lines:
+        counter += 1
+        delimiter = f"SLF_END_{counter}"
+    body = text if text.endswith("\n") or not text else text + "\n"
+    return f"<<'{delimiter}'", f"{body}{delimiter}\n"
+
+
+def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]) -> str:
+    """One remote shell script that asks squeue and sacct about every job and prints any exit records.
+
+    Sections are separated by lines ``@@ RC`` carrying the exit code of the command before them.
     """
     ids = ",".join(sorted({job_id.split("_")[0] for job_id in job_ids}))
-    parts = [
+    lines = [
         f'squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo "@@ $?"',
         f'sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"',
     ]
     for job_id, path in record_paths.items():
         quoted = shlex.quote(path)
-        parts.append(f"if [ -f {quoted} ]; then printf '%s %s\\n' {job_id} \"$(cat {quoted})\"; fi")
-    return "; ".join(parts)
+        lines.append(f"if [ -f {quoted} ]; then printf '%s %s\\n' {job_id} \"$(cat {quoted})\"; fi")
+    return "\n".join(lines)
 
 
 def parse_status_query(stdout: str) -> tuple[str, int, str, int, str]:
@@ -1157,61 +1345,268 @@ def parse_status_query(stdout: str) -> tuple[str, int, str, int, str]:
 
 
 def watcher_command(record_paths: Mapping[str, str]) -> str:
-    """A remote bash loop that prints ``ID RC`` as each exit record appears: cheap stat calls on the server, no
-    scheduler query. A ``.`` heartbeat lets it die of SIGPIPE soon after its client goes away."""
-    pairs = " ".join(f"[{job_id}]={shlex.quote(path)}" for job_id, path in record_paths.items())
-    script = (
-        f"declare -A left=({pairs}); beat=0\n"
-        "while ((${#left[@]})); do\n"
-        '  for id in "${!left[@]}"; do p=${left[$id]}\n'
-        '    if [[ -f $p ]]; then printf "%s %s\\n" "$id" "$(<"$p")"; unset "left[$id]"; fi\n'
-        "  done\n"
-        "  ((${#left[@]})) || break\n"
-        f"  sleep 0.5; beat=$((beat + 1)); if ((beat >= {WATCHER_HEARTBEAT * 2})); then echo .; beat=0; fi\n"
-        "done\n"
+    """A remote POSIX sh loop that prints ``ID RC`` as each exit record appears: cheap tests of files on the
+    server, no scheduler query. A ``.`` heartbeat lets it die of SIGPIPE soon after its client goes away."""
+    start, body = shell_here_document("".join(f"{job_id} {path}\n" for job_id, path in record_paths.items()))
+    return (
+        "seen=' '; beat=0\n"
+        "while :; do\n"
+        "  left=0\n"
+        "  while read -r id path; do\n"
+        '    case $seen in *" $id "*) continue ;; esac\n'
+        '    if [ -f "$path" ]; then printf \'%s %s\\n\' "$id" "$(cat "$path")"; seen="$seen$id "; else left=1; fi\n'
+        f"  done {start}\n{body}"
+        '  [ "$left" = 0 ] && break\n'
+        f"  sleep 0.5; beat=$((beat + 1)); if [ $beat -ge {WATCHER_HEARTBEAT * 2} ]; then echo .; beat=0; fi\n"
+        "done"
     )
-    return shlex.join(["bash", "-c", script])
 
 
-def submission_plan(
-    job_name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
-) -> tuple[str, list[str], list[str]]:
-    """Where a job's script is written, the directories to make for it and its logs (a log path with a ``%``
-    pattern has none to make), and the sbatch command line that submits it."""
-    script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{unique_leaf(job_name)}.sh"))
-    parents = [str(PurePosixPath(path).parent) for path in logs]
-    directories = [str(PurePosixPath(script_path).parent), *(parent for parent in parents if "%" not in parent)]
-    return script_path, directories, ["sbatch", "--parsable", *sbatch_args, script_path]
+class WaitSchedule:
+    """When `Server.wait` asks the scheduler, as a pure function of time and events: at once, then every ``first``
+    seconds backing off (x1.5) to ``most``; and right after an exit record says a job ended, then 0.5, 1, 2 and 4 s
+    later while the scheduler catches up (it lags the record by seconds).
+
+    >>> schedule = WaitSchedule(now=0, first=10, most=60)
+    >>> schedule.due(0), [schedule.asked(t) for t in (0, 10, 25)]
+    (True, [10, 25.0, 47.5])
+    >>> schedule.record_arrived(30); schedule.due(30), [schedule.asked(t) for t in (30, 30.5, 31.5)]
+    (True, [30.5, 31.5, 33.5])
+    """
+
+    def __init__(self, now: float, first: float = SCHEDULER_POLL_FIRST, most: float = SCHEDULER_POLL_MAX) -> None:
+        self.next_query = now
+        self.interval = first
+        self.most = most
+        self.confirm_delay = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_query
+
+    def asked(self, now: float) -> float:
+        """The scheduler was just asked: returns (and keeps) when to ask next."""
+        if self.confirm_delay:
+            self.next_query = now + self.confirm_delay
+            self.confirm_delay = self.confirm_delay * 2 if self.confirm_delay < 4 else 0.0
+        else:
+            self.next_query = now + self.interval
+            self.interval = min(self.interval * 1.5, self.most)
+        return self.next_query
+
+    def record_arrived(self, now: float) -> None:
+        """An exit record shows that a job ended: ask now, then confirm soon."""
+        self.next_query = now
+        self.confirm_delay = 0.5
 
 
-def script_sbatch_args(
-    working_directory: str, sbatch_args: Sequence[str], output_log: str | None = None, error_log: str | None = None
-) -> list[str]:
-    """sbatch options for a user's own script: they override its ``#SBATCH`` lines."""
-    args = [f"--chdir={working_directory}", *sbatch_args]
-    if output_log:
-        args.append(f"--output={output_log}")
-    if error_log:
-        args.append(f"--error={error_log}")
-    return args
+class WaitProgress:
+    """What `Server.wait` knows of its jobs, with no I/O: the last state of each, the exit records seen (an array
+    has ended, as far as records tell, once each of its ``tasks`` wrote one), the schedule, and the deadline."""
+
+    def __init__(
+        self, job_ids: Sequence[str], tasks: Mapping[str, frozenset[str]], schedule: WaitSchedule, timeout: float | None
+    ) -> None:
+        self.job_ids = list(job_ids)
+        self.tasks = tasks
+        self.schedule = schedule
+        self.timeout = timeout
+        self.deadline = None if timeout is None else schedule.next_query + timeout
+        self.last: dict[str, JobInfo] = {}
+        self.recorded: set[str] = set()
+
+    def unfinished(self) -> list[str]:
+        return [
+            job_id for job_id in self.job_ids if job_id not in self.last or not self.last[job_id].status.is_finished
+        ]
+
+    def done(self) -> bool:
+        return not self.unfinished()
+
+    def result(self) -> dict[str, JobInfo]:
+        return {job_id: self.last[job_id] for job_id in self.job_ids}
+
+    def update(self, infos: Mapping[str, JobInfo], now: float) -> list[JobInfo]:
+        """Take a scheduler answer; returns the jobs whose state changed."""
+        changed = [
+            info
+            for info in infos.values()
+            if info.job_id not in self.last or self.last[info.job_id].status != info.status
+        ]
+        self.last.update(infos)
+        self.schedule.asked(now)
+        return changed
+
+    def check_known(self, server: str) -> None:
+        """Raise `UnknownJobError` for jobs neither squeue, sacct nor a record knows: waiting would never end."""
+        unknown = [job_id for job_id in self.unfinished() if self.last[job_id].status is JobStatus.UNKNOWN]
+        if unknown:
+            jobs = f"jobs {', '.join(unknown)} are" if len(unknown) > 1 else f"job {unknown[0]} is"
+            raise UnknownJobError(
+                f"{jobs} unknown to squeue and sacct on {server!r}: check the id; a job that ended long ago may be "
+                "forgotten by the scheduler"
+            )
+
+    def check_deadline(self, now: float) -> None:
+        if self.deadline is not None and now >= self.deadline:
+            states = ", ".join(
+                f"{job_id} {self.last[job_id].status}" for job_id in self.unfinished() if job_id in self.last
+            )
+            raise WaitTimeout(f"{len(self.unfinished())} job(s) still running after {self.timeout:g} s: {states}")
+
+    def pause(self, now: float) -> float:
+        """How long to wait for a record before the next scheduler query (or the deadline)."""
+        until = self.schedule.next_query if self.deadline is None else min(self.schedule.next_query, self.deadline)
+        return max(until - now, 0.0)
+
+    def records_arrived(self, records: Mapping[str, int], now: float) -> None:
+        self.recorded |= set(records)
+        if any(job_id in self.tasks and self.tasks[job_id] <= self.recorded for job_id in self.unfinished()):
+            self.schedule.record_arrived(now)
 
 
-def submit_command(script_path: str, directories: Iterable[str], sbatch_argv: Sequence[str]) -> str:
-    """Remote command: create directories, write the script from stdin, sbatch it; on refusal remove the script.
+class JobRecord(
+    collections.namedtuple(
+        "JobRecord",
+        "job_id server name working_directory output_log error_log submitted user array",
+        defaults=("", ""),
+    )
+):
+    """What this machine remembers of a submitted job, so that later commands know it without the terminal;
+    ``array`` is the job's array spec, if it is one."""
+
+    __slots__ = ()
+
+    @property
+    def task_ids(self) -> list[str]:
+        """The ids whose exit records tell that this job ended: its own, or each of its array tasks'."""
+        if not self.array:
+            return [self.job_id]
+        return [f"{self.job_id}_{task}" for task in expand_array_spec(self.array)]
+
+    def log_path(self, error: bool = False) -> str:
+        return expand_log_pattern(self.error_log if error else self.output_log, self.job_id, self.name, self.user)
+
+
+class SubmissionPlan(collections.namedtuple("SubmissionPlan", "script script_path directories sbatch_argv record")):
+    """Everything a submission will do, decided before anything is sent: the exact ``script`` sbatch receives, the
+    ``script_path`` it is written to, the ``directories`` made first (the script's and the logs'), the exact
+    ``sbatch_argv``, and the ``record`` this machine keeps (its job id and time filled in once sbatch answers).
+    ``--dry-run`` prints it; a real submission sends `submit_command` of it."""
+
+    __slots__ = ()
+
+
+def default_job_directory(job_name: str, working_root: str | None, user: str | None, home: str) -> str:
+    """Where a job made from the command line runs: a new directory under the user's working root (the working root
+    itself without a user name), else under the remote home."""
+    base = PurePosixPath(working_root, user or "") if working_root else PurePosixPath(home)
+    return str(base / JOBS_ROOT_NAME / unique_leaf(job_name))
+
+
+def plan_submission(
+    script: str,
+    *,
+    name: str,
+    working_directory: str,
+    output_log: str,
+    error_log: str,
+    sbatch_args: Sequence[str] = (),
+    array: str | None = None,
+    server: str = "",
+    user: str = "",
+) -> SubmissionPlan:
+    """The plan for a script: written under ``working_directory``'s record folder, its log directories made too
+    (a directory with a ``%`` pattern has none to make), submitted with ``sbatch --parsable [ARGS] SCRIPT``."""
+    script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{unique_leaf(name)}.sh"))
+    parents = [str(PurePosixPath(path).parent) for path in (output_log, error_log)]
+    directories = sorted({str(PurePosixPath(script_path).parent), *(p for p in parents if "%" not in p)})
+    record = JobRecord("", server, name, working_directory, output_log, error_log, 0.0, user, array or "")
+    argv = ("sbatch", "--parsable", *sbatch_args, script_path)
+    return SubmissionPlan(script, script_path, tuple(directories), argv, record)
+
+
+def plan_job(job: Job, server: str = "", user: str = "") -> SubmissionPlan:
+    """The plan for a `Job`: its own script, whose header holds every option."""
+    return plan_submission(
+        job.script,
+        name=job.job_name,
+        working_directory=job.working_directory,
+        output_log=job.output_log,
+        error_log=job.error_log,
+        array=job.array,
+        server=server,
+        user=user,
+    )
+
+
+def plan_script(
+    script: str,
+    *,
+    default_name: str,
+    default_directory: Callable[[str], str],
+    home: str,
+    job_name: str | None = None,
+    working_directory: str | None = None,
+    sbatch_args: Sequence[str] = (),
+    defaults: Mapping[str, object] | None = None,
+    server: str = "",
+    user: str = "",
+) -> SubmissionPlan:
+    """The plan for a user's own script, as sbatch will read it: options given here override its ``#SBATCH``
+    lines; a profile default (``defaults``: partition, account) applies only where neither sets the option; the
+    job runs in ``working_directory``, else the script's own ``--chdir`` (relative to the remote ``home``), else
+    ``default_directory(name)``. The exit record is added to sh and bash scripts (see `inject_exit_record`)."""
+    own = read_sbatch_directives(script)
+    given = dict(parse_sbatch_words(sbatch_args))
+    if "clusters" in own or "clusters" in given:
+        raise UsageError(
+            "a script that picks a cluster (-M/--clusters) is not supported: status and cancel would ask another "
+            "cluster; add a server profile for that cluster instead"
+        )
+    args = []
+    name = job_name or given.get("job-name") or own.get("job-name")
+    if not name or job_name:
+        name = name or default_name
+        args.append(f"--job-name={name}")
+    own_directory = own.get("chdir")
+    if working_directory is None and own_directory:
+        working_directory = str(PurePosixPath(home, own_directory))
+    working_directory = _remote_path("the working directory", working_directory or default_directory(name))
+    args.append(f"--chdir={working_directory}")
+    for field, value in (defaults or {}).items():
+        option = next(option for option in SBATCH_OPTIONS if option.field == field)
+        if value is not None and option.name not in own and option.name not in given:
+            args.append(f"--{option.name}={option.render(value)}")
+    args += sbatch_args
+    output = given.get("output") or own.get("output") or "slurm-%j.out"
+    error = given.get("error") or own.get("error") or output
+    return plan_submission(
+        inject_exit_record(script),
+        name=name,
+        working_directory=working_directory,
+        output_log=str(PurePosixPath(working_directory, output)),
+        error_log=str(PurePosixPath(working_directory, error)),
+        sbatch_args=args,
+        array=given.get("array") or own.get("array"),
+        server=server,
+        user=user,
+    )
+
+
+def submit_command(plan: SubmissionPlan) -> str:
+    """Remote script: make the directories, write the job's script, sbatch it; on refusal remove the script.
 
     sbatch's exit code is printed as a last ``@@ N`` line, because sbatch itself may exit 255, which would read as
     a failure of ssh.
     """
-    quoted_script = shlex.quote(script_path)
-    # Shell builtins (test, read, printf) instead of mkdir and cat where they do the job: every program started
-    # on the login node costs a fork and an exec, which is most of what a submission costs beyond sbatch.
-    missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in sorted(set(directories)))
-    mkdirs = shlex.join(["mkdir", "-p", *sorted(set(directories))])
-    sbatch = shlex.join(sbatch_argv)
+    quoted_script = shlex.quote(plan.script_path)
+    missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in plan.directories)
+    start, body = shell_here_document(plan.script)
     return (
-        f"if {missing}; then {mkdirs}; fi && "
-        f'{{ while IFS= read -r line || [ -n "$line" ]; do printf \'%s\\n\' "$line"; done > {quoted_script}; }} && '
-        f'{{ {sbatch}; rc=$?; if [ $rc != 0 ]; then rm -f {quoted_script}; fi; echo "@@ $rc"; }}'
+        f"if {missing}; then mkdir -p -- {' '.join(map(shlex.quote, plan.directories))} || exit 1; fi\n"
+        f"cat > {quoted_script} {start}\n{body}"
+        "[ $? = 0 ] || exit 1\n"
+        f'{shlex.join(plan.sbatch_argv)}; rc=$?; if [ $rc != 0 ]; then rm -f -- {quoted_script}; fi; echo "@@ $rc"'
     )
 
 
@@ -1766,6 +2161,11 @@ def profiles_sharing_password(config: Config, profile: Profile) -> list[str]:
     )
 
 
+def keyring_account(user: str | None, host: str, port: int | None) -> str:
+    """The name of a server's password entry in the keyring: ``user@host:port``."""
+    return f"{user or ''}@{host}:{port or DEFAULT_PORT}"
+
+
 class Profile:
     """How to reach one server, and its defaults. Never holds a secret."""
 
@@ -1813,8 +2213,8 @@ class Profile:
 
     @property
     def keyring_account(self) -> str:
-        """The keyring entry name for this server's password: ``user@host:port``."""
-        return f"{self.user or ''}@{self.host}:{self.port or DEFAULT_PORT}"
+        """The keyring entry name for this server's password (see `keyring_account`)."""
+        return keyring_account(self.user, self.host, self.port)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         data = {}
@@ -1984,29 +2384,6 @@ def load_config(path: Path | None = None) -> Config:
     if config.default is not None and config.default not in config.servers:
         raise fail(("default",), f"default server {config.default!r} is not defined under 'servers'")
     return config
-
-
-class JobRecord(
-    collections.namedtuple(
-        "JobRecord",
-        "job_id server name working_directory output_log error_log submitted user array",
-        defaults=("", ""),
-    )
-):
-    """What this machine remembers of a submitted job, so that later commands know it without the terminal;
-    ``array`` is the job's array spec, if it is one."""
-
-    __slots__ = ()
-
-    @property
-    def task_ids(self) -> list[str]:
-        """The ids whose exit records tell that this job ended: its own, or each of its array tasks'."""
-        if not self.array:
-            return [self.job_id]
-        return [f"{self.job_id}_{task}" for task in expand_array_spec(self.array)]
-
-    def log_path(self, error: bool = False) -> str:
-        return expand_log_pattern(self.error_log if error else self.output_log, self.job_id, self.name, self.user)
 
 
 def history_path() -> Path:
@@ -2480,14 +2857,18 @@ def _terminal_name() -> str | None:
 def _run(
     argv: Sequence[str],
     *,
-    input_text: str | None = None,
     timeout: float | None,
+    input_text: str | None = None,
     env: Mapping[str, str] | None = None,
     stdout: Any = None,
     stderr: Any = None,
+    check: bool = True,
+    error: type[CommandError] = CommandError,
+    what: str = "",
 ) -> subprocess.CompletedProcess:
-    """Run a program without a shell, its output captured unless ``stdout``/``stderr`` say where it goes; on
-    timeout, SIGTERM first and SIGKILL only if it will not stop."""
+    """Run a program without a shell, its output captured unless ``stdout``/``stderr`` say where it goes. A
+    non-zero exit raises ``error`` (unless ``check`` is false); a timeout raises `SSHError`, after SIGTERM first and
+    SIGKILL only if it will not stop."""
     import subprocess
 
     stdout = subprocess.PIPE if stdout is None else stdout
@@ -2510,14 +2891,15 @@ def _run(
         except subprocess.TimeoutExpired:
             process.kill()
             out, err = process.communicate()
-        raise SSHError(
-            argv, -15, out or "", (err or "") + f"\ntimed out after {timeout:g} s", what=Path(argv[0]).name
-        ) from None
+        raise SSHError(argv, -15, out or "", (err or "") + f"\ntimed out after {timeout:g} s", what=what) from None
     except BaseException:
         process.kill()
         process.wait()
         raise
-    return subprocess.CompletedProcess(argv, process.returncode, out or "", err or "")
+    result = subprocess.CompletedProcess(argv, process.returncode, out or "", err or "")
+    if check and result.returncode != 0:
+        raise error(argv, result.returncode, result.stdout, result.stderr, what=what)
+    return result
 
 
 def free_local_port() -> int:
@@ -2530,30 +2912,47 @@ def free_local_port() -> int:
 
 
 def wait_for_http(url: str, timeout: float) -> None:
-    """Block until a URL answers 200; raise SSHError naming the address (never the token) if it does not."""
+    """Block until a local URL answers 200; raise TunnelError naming the address (never the token) if it does not.
+    No proxy is ever used: the URL is a tunnel on this machine, and the token in it must reach nobody else."""
     import urllib.error
     import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
     problem = ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with opener.open(url, timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError) as error:
             problem = str(getattr(error, "reason", error))
         time.sleep(0.3)
     address = url.split("?")[0]
-    raise SSHError(["GET", address], 1, "", f"no answer within {timeout:g} s: {problem}", what="the tunnel")
+    raise TunnelError(["GET", address], 1, "", f"no answer within {timeout:g} s: {problem}", what="the tunnel")
+
+
+# What every remote call sends as its command: sshd hands it to the user's login shell, and bash, dash, zsh, tcsh,
+# csh and fish all parse it the same way; the real script follows on stdin, read by a POSIX sh.
+REMOTE_SHELL = "exec /bin/sh -s"
+# The same for a call whose stdin carries data after its script: the script's length comes first, and the script is
+# read to that length exactly (a byte at a time), so the data is left for the script's own commands.
+REMOTE_SHELL_WITH_DATA = "exec /bin/sh -c 'IFS= read -r n && eval \"$(dd bs=1 count=$n 2>/dev/null)\"'"
+
+
+def framed_script(script: str) -> str:
+    """What a remote call writes to ``exec /bin/sh -s``: the OUTPUT_MARKER line (what the login shell's start-up
+    files print comes before it), then the script as one group, so that sh has read all of it before anything runs
+    and no command in it can read the rest as its stdin."""
+    return f"printf '%s\\n' {OUTPUT_MARKER}\n{{\n{script}\n}} </dev/null\n"
 
 
 class SSHConnection:
-    """One server reached through OpenSSH: an explicit ControlMaster, and every call multiplexed over it.
+    """One server reached through OpenSSH: an explicit ControlMaster, and every remote call multiplexed over it.
 
-    A call never falls back to a connection of its own: calls carry a ProxyCommand that cannot connect, which
-    OpenSSH only uses when the master is gone. Then the master is restarted once, and the call repeated (it never
-    reached the server).
+    This class is the only place that runs ssh and ssh-keyscan. A call never falls back to a connection of its
+    own: calls carry a ProxyCommand that cannot connect, which OpenSSH only uses when the master is gone. Then the
+    master is restarted once, and the call repeated (it never reached the server).
     """
 
     def __init__(self, profile: Profile, *, timeout: float = DEFAULT_CALL_TIMEOUT, verbose: bool = False) -> None:
@@ -2566,7 +2965,7 @@ class SSHConnection:
 
     # -- argv -----------------------------------------------------------------------------------------------------
 
-    def _target_args(self) -> list[str]:
+    def _target_args(self, identity: bool = True) -> list[str]:
         profile = self.profile
         args = []
         ssh_config = profile.ssh_config or os.environ.get("SL_FORGERY_SSH_CONFIG")
@@ -2576,7 +2975,7 @@ class SSHConnection:
             args += ["-p", str(profile.port)]
         if profile.user:
             args += ["-l", profile.user]
-        if profile.identity_file:
+        if profile.identity_file and identity:
             args += ["-i", os.path.expanduser(profile.identity_file)]
         for option in profile.ssh_options:
             args += ["-o", option]
@@ -2591,54 +2990,33 @@ class SSHConnection:
     def _mux_args(self) -> list[str]:
         return ["-o", f"ControlPath={self.control_path}"]
 
-    def ssh_argv(self, command: str) -> list[str]:
-        """Argv of one call over the master (``command`` is a single remote shell string)."""
-        argv = [
-            "ssh",
-            *self._guard_args(),
-            *self._mux_args(),
-            *self._target_args(),
-            "-T",
-            "--",
-            self.profile.host,
-            f"printf '%s\\n' {OUTPUT_MARKER}; {command}",
-        ]
-        return argv
+    def _call_argv(self) -> list[str]:
+        """Argv of every call over the master; what it runs comes on stdin (see `framed_script`)."""
+        argv = ["ssh", *self._guard_args(), *self._mux_args(), *self._target_args(), "-T", "--", self.profile.host]
+        return [*argv, REMOTE_SHELL]
 
     def _master_argv(self) -> list[str]:
-        return [
-            "ssh",
-            "-M",
-            "-N",
-            "-f",
-            "-o",
-            "ControlMaster=yes",
-            *self._mux_args(),
-            "-o",
-            f"ControlPersist={self.profile.control_persist}",
-            "-o",
-            f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
-            "-o",
-            "ServerAliveCountMax=3",
-            "-o",
-            "ConnectTimeout=20",
-            "-o",
-            "NumberOfPasswordPrompts=1",
-            "-o",
-            "RemoteCommand=none",
-            "-o",
-            "RequestTTY=no",
-            *self._target_args(),
-            "--",
-            self.profile.host,
-        ]
+        options = {
+            "ControlMaster": "yes",
+            "ControlPersist": self.profile.control_persist,
+            "ServerAliveInterval": SERVER_ALIVE_INTERVAL,
+            "ServerAliveCountMax": 3,
+            "ConnectTimeout": 20,
+            "NumberOfPasswordPrompts": 1,
+            "RemoteCommand": "none",
+            "RequestTTY": "no",
+        }
+        settings = [arg for name, value in options.items() for arg in ("-o", f"{name}={value}")]
+        return ["ssh", "-M", "-N", "-f", *settings, *self._mux_args(), *self._target_args(), "--", self.profile.host]
 
     def _control_argv(self, operation: str, *extra: str) -> list[str]:
         return ["ssh", *self._mux_args(), *self._target_args(), "-O", operation, *extra, "--", self.profile.host]
 
-    def _log(self, argv: Sequence[str]) -> None:
+    def _log(self, argv: Sequence[str], script: str = "") -> None:
         if self.verbose:
             print("+ " + shlex.join(argv), file=sys.stderr)
+            if script:
+                print("".join(f"  | {line}\n" for line in script.splitlines()), end="", file=sys.stderr)
 
     def _askpass_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -2686,11 +3064,16 @@ class SSHConnection:
             write_private_file(helper, text, mode=0o700)
         return str(helper)
 
+    def describe(self) -> str:
+        profile = self.profile
+        user = f"{profile.user}@" if profile.user else ""
+        port = f":{profile.port}" if profile.port else ""
+        return f"{user}{profile.host}{port}"
+
     # -- master ---------------------------------------------------------------------------------------------------
 
     def is_connected(self) -> bool:
-        argv = self._control_argv("check")
-        return _run(argv, timeout=10).returncode == 0
+        return _run(self._control_argv("check"), timeout=10, check=False).returncode == 0
 
     def connect(self) -> bool:
         """Start the master unless one is running; True when this call started it."""
@@ -2700,21 +3083,9 @@ class SSHConnection:
         # would run on without a socket: one starts it while the others wait for the lock, then find it running.
         return run_exclusively(f"{socket_path}.lock", lambda: self._start_master(socket_path))
 
-    def reserve_lasting_session(self) -> int | None:
-        """A descriptor holding one of LASTING_SESSIONS lock files until it is closed, for a `popen` command;
-        None when all are held. (ssh closes inherited descriptors, so the caller, not ssh, must hold it.)"""
-        import fcntl
-
-        _private_dir(control_dir())
-        socket_path = self.socket_path()
-        for slot in range(LASTING_SESSIONS):
-            descriptor = os.open(f"{socket_path}.session-{slot}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return descriptor
-            except BlockingIOError:
-                os.close(descriptor)
-        return None
+    def ensure_connected(self) -> None:
+        if not self.is_connected():
+            self.connect()
 
     def _start_master(self, socket_path: str) -> bool:
         if self.is_connected():
@@ -2727,7 +3098,7 @@ class SSHConnection:
         with open(log_path, "w+", encoding="utf-8", errors="replace") as log:
             # The master keeps the stderr it is given; a pipe would make us wait for it to exit.
             try:
-                result = _run(argv, timeout=self.timeout, env=self._askpass_env(), stdout=log, stderr=log)
+                result = _run(argv, timeout=self.timeout, env=self._askpass_env(), stdout=log, stderr=log, check=False)
             finally:
                 log.seek(0)
                 message = log.read()
@@ -2751,9 +3122,7 @@ class SSHConnection:
     def ssh_settings(self) -> dict[str, str]:
         """The settings as OpenSSH resolves them for this destination (``ssh -G``), e.g. ``userknownhostsfile``."""
         argv = ["ssh", "-G", *self._mux_args(), *self._target_args(), "--", self.profile.host]
-        result = _run(argv, timeout=10)
-        if result.returncode != 0:
-            raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -G")
+        result = _run(argv, timeout=10, error=SSHError, what="ssh -G")
         return dict(line.partition(" ")[::2] for line in result.stdout.splitlines())
 
     def disconnect(self) -> bool:
@@ -2761,34 +3130,24 @@ class SSHConnection:
             return False
         argv = self._control_argv("exit")
         self._log(argv)
-        _run(argv, timeout=10)
+        _run(argv, timeout=10, check=False)
         return True
-
-    def describe(self) -> str:
-        profile = self.profile
-        user = f"{profile.user}@" if profile.user else ""
-        port = f":{profile.port}" if profile.port else ""
-        return f"{user}{profile.host}{port}"
 
     # -- calls ----------------------------------------------------------------------------------------------------
 
     def run(
-        self,
-        command: str,
-        *,
-        input_text: str | None = None,
-        check: bool = True,
-        timeout: float | None = None,
-        what: str = "",
+        self, script: str, *, check: bool = True, timeout: float | None = None, what: str = ""
     ) -> subprocess.CompletedProcess:
-        """Run one remote shell command over the master; start or restart the master if it is not there, and retry
-        a session the server refused (too many at once) after a pause."""
-        argv = self.ssh_argv(command)
+        """Run a remote shell script (POSIX sh, whatever the login shell) over the master and return its output;
+        a non-zero exit raises `CommandError` (255: `SSHError`) unless ``check`` is false. The master is started or
+        restarted if it is not there, and a session the server refused (too many at once) retried after a pause."""
+        argv = self._call_argv()
+        framed = framed_script(script)
         pauses = iter(REFUSED_SESSION_RETRY_DELAYS)
         restarted = False
         while True:
-            self._log(argv)
-            result = _run(argv, input_text=input_text, timeout=timeout or self.timeout)
+            self._log(argv, script)
+            result = _run(argv, input_text=framed, timeout=timeout or self.timeout, check=False)
             if not self._master_was_missing(result):
                 break
             if not restarted and self.connect():
@@ -2798,68 +3157,222 @@ class SSHConnection:
             pause = next(pauses, None)
             if pause is None:
                 refused = " (the connection refused a new session)" if self.is_connected() else ""
-                raise SSHError(argv, 255, result.stdout, result.stderr, what=f"ssh to {self.describe()}{refused}")
+                what = f"ssh to {self.describe()}{refused}"
+                raise SSHError(argv, 255, result.stdout, result.stderr, what=what, script=script)
             time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
         result.stdout = without_login_noise(result.stdout)
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
-            raise error(
-                argv,
-                result.returncode,
-                result.stdout,
-                result.stderr,
-                what=what or f"remote command on {self.describe()}",
-            )
+            what = what or f"remote command on {self.describe()}"
+            raise error(argv, result.returncode, result.stdout, result.stderr, what=what, script=script)
         return result
 
     @staticmethod
     def _master_was_missing(result: subprocess.CompletedProcess) -> bool:
         return result.returncode == 255 and any(marker in result.stderr for marker in NO_MASTER_MARKERS)
 
-    def popen(self, command: str) -> subprocess.Popen:
-        """A lasting remote command over the master (hold a `reserve_lasting_session` while it runs), its stdout a
-        pipe. Its stderr is dropped: nothing reads it while it runs, and callers treat its output as a hint that
-        something else confirms."""
+    def _reserve_lasting_session(self) -> int | None:
+        """A descriptor holding one of LASTING_SESSIONS lock files until it is closed; None when all are held."""
+        import fcntl
+
+        _private_dir(control_dir())
+        socket_path = self.socket_path()
+        for slot in range(LASTING_SESSIONS):
+            descriptor = os.open(f"{socket_path}.session-{slot}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return descriptor
+            except BlockingIOError:
+                os.close(descriptor)
+        return None
+
+    @contextlib.contextmanager
+    def lasting(self, script: str) -> Iterator[subprocess.Popen]:
+        """A remote script that runs on (a watcher, a followed log) as a process whose stdout is a pipe, holding one
+        of the LASTING_SESSIONS slots for as long as it runs, so that short calls always find a session free.
+        Raises `SessionsBusy` when every slot is held. Its stderr is dropped: nothing reads it while it runs."""
         import subprocess
 
         self.ensure_connected()
-        argv = self.ssh_argv(command)
-        self._log(argv)
+        slot = self._reserve_lasting_session()
+        if slot is None:
+            raise SessionsBusy(
+                f"{LASTING_SESSIONS} sl-forgery commands already follow or wait on {self.describe()} from this "
+                "machine (each holds a session of the shared connection)"
+            )
+        argv = self._call_argv()
+        self._log(argv, script)
         process = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
             start_new_session=True,
         )
-        # Skip the login noise up to the marker a byte at a time, so that none of the command's own output is
-        # read ahead of the caller, who may select() on the pipe.
-        assert process.stdout is not None
-        seen, marker_line = b"", f"{OUTPUT_MARKER}\n".encode()
-        while not seen.endswith(marker_line):
-            byte = os.read(process.stdout.fileno(), 1)
-            if not byte:  # the command never started: the caller sees the end of its output
-                break
-            seen += byte
-        return process
+        try:
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                process.stdin.write(framed_script(script).encode())
+                process.stdin.close()
+            except BrokenPipeError:
+                pass  # ssh ended at once: the caller sees the end of its output
+            # Skip the login noise up to the marker a byte at a time, so that none of the script's own output is
+            # read ahead of the caller, who may select() on the pipe.
+            seen, marker_line = b"", f"{OUTPUT_MARKER}\n".encode()
+            while not seen.endswith(marker_line):
+                byte = os.read(process.stdout.fileno(), 1)
+                if not byte:
+                    break
+                seen += byte
+            yield process
+        finally:
+            process.terminate()
+            process.wait()
+            os.close(slot)
 
-    def ensure_connected(self) -> None:
-        if not self.is_connected():
-            self.connect()
+    def stream(self, script: str, sink: Callable[[bytes], object], *, what: str = "") -> None:
+        """Run a remote script and hand its output to ``sink`` in chunks as it comes, in constant memory (a log of
+        any size); a non-zero exit raises as `run` does, with the end of its stderr."""
+        import subprocess
 
-    def forward(self, local_port: int, host: str, port: int, cancel: bool = False) -> bool:
-        """Add (or cancel) a forward of 127.0.0.1:local_port to host:port on the running master; False when the
-        local port is taken."""
         self.ensure_connected()
-        argv = self._control_argv("cancel" if cancel else "forward", "-L", f"127.0.0.1:{local_port}:{host}:{port}")
+        argv = self._call_argv()
+        self._log(argv, script)
+        with subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        ) as process:
+            assert process.stdin and process.stdout and process.stderr
+            process.stdin.write(framed_script(script).encode())
+            process.stdin.close()
+            marker, pending = f"{OUTPUT_MARKER}\n".encode(), b""
+            while chunk := process.stdout.read1(1 << 16):
+                if marker is not None:
+                    pending += chunk
+                    position = pending.find(marker)
+                    if position < 0:
+                        continue
+                    chunk, marker = pending[position + len(marker) :], None
+                if chunk:
+                    sink(chunk)
+            stderr = process.stderr.read().decode(errors="replace")
+            returncode = process.wait()
+        if returncode != 0:
+            error = SSHError if returncode == 255 else CommandError
+            what = what or f"remote command on {self.describe()}"
+            raise error(argv, returncode, "", stderr, what=what, script=script)
+
+    def send(self, script: str, source: Any, *, what: str = "") -> None:
+        """Run a remote script with the bytes of ``source`` (a binary file or pipe) as its stdin, streamed in
+        constant memory: the script goes first, its length before it, read by a fixed command that every login shell
+        parses and that reads no byte past it (``/bin/sh -s`` would read ahead into the data)."""
+        import shutil
+        import subprocess
+
+        self.ensure_connected()
+        argv = [*self._call_argv()[:-1], REMOTE_SHELL_WITH_DATA]
+        self._log(argv, script)
+        framed = f"printf '%s\\n' {OUTPUT_MARKER}\n{script}\n".encode()
+        with subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        ) as process:
+            assert process.stdin and process.stdout and process.stderr
+            try:
+                process.stdin.write(b"%d\n" % len(framed) + framed)
+                shutil.copyfileobj(source, process.stdin)
+            except BrokenPipeError:
+                pass  # the script ended without reading it all: its exit code says why
+            stdout, stderr = process.communicate()  # closes its stdin: the end of the data
+        if process.returncode != 0:
+            error = SSHError if process.returncode == 255 else CommandError
+            what = what or f"remote command on {self.describe()}"
+            stdout_text = without_login_noise(stdout.decode(errors="replace"))
+            raise error(
+                argv, process.returncode, stdout_text, stderr.decode(errors="replace"), what=what, script=script
+            )
+
+    # -- tunnels --------------------------------------------------------------------------------------------------
+
+    def _forward_argv(self, operation: str, local_port: int, host: str, port: int) -> list[str]:
+        return self._control_argv(operation, "-L", f"127.0.0.1:{local_port}:{host}:{port}")
+
+    def forward(self, local_port: int, host: str, port: int) -> bool:
+        """Forward 127.0.0.1:local_port to host:port over the running master; False when the local port is taken,
+        `TunnelError` for any other refusal."""
+        self.ensure_connected()
+        argv = self._forward_argv("forward", local_port, host, port)
         self._log(argv)
-        result = _run(argv, timeout=30)
-        if result.returncode != 0 and not cancel:
-            if "Address already in use" in result.stderr or "Port forwarding failed" in result.stderr:
-                return False
-            raise SSHError(argv, result.returncode, result.stdout, result.stderr, what="ssh -O forward")
-        return result.returncode == 0
+        result = _run(argv, timeout=30, check=False)
+        if result.returncode == 0:
+            return True
+        if "Address already in use" in result.stderr or "Port forwarding failed" in result.stderr:
+            return False
+        raise TunnelError(argv, result.returncode, result.stdout, result.stderr, what="ssh -O forward")
+
+    def cancel_forward(self, local_port: int, host: str, port: int) -> bool:
+        """Remove a forward made by `forward`; False when there was none (or no master)."""
+        argv = self._forward_argv("cancel", local_port, host, port)
+        self._log(argv)
+        return _run(argv, timeout=30, check=False).returncode == 0
+
+    def forward_free_port(self, host: str, port: int, preferred: int | None = None) -> int:
+        """Forward a local port that is free now (``preferred`` if it still is) to host:port; returns it."""
+        candidates = [preferred] if preferred else []
+        for local_port in [*candidates, *(free_local_port() for _ in range(5))]:
+            if self.forward(local_port, host, port):
+                return local_port
+        argv = self._forward_argv("forward", 0, host, port)
+        raise TunnelError(argv, 255, "", "no free local port could be forwarded", what="ssh -O forward")
+
+    # -- keys -----------------------------------------------------------------------------------------------------
+
+    def accept_host_key(self) -> str:
+        """Fetch the server's host key, record it in the known_hosts file ssh uses for it, and return its
+        fingerprints. A different key already recorded for that host is never replaced."""
+        settings = self.ssh_settings()
+        host, port = settings["hostname"], settings["port"]
+        known_hosts = Path(os.path.expanduser(settings["userknownhostsfile"].split()[0]))
+        name = host if port == "22" else f"[{host}]:{port}"
+        what = f"fetching the host key of {name}"
+        scan_argv = ["ssh-keyscan", "-p", port, "-t", "ed25519,ecdsa,rsa", "--", host]
+        scan = _run(scan_argv, timeout=30, check=False)
+        keys = [line for line in scan.stdout.splitlines() if line.strip() and not line.startswith("#")]
+        if not keys:
+            raise SSHError(scan_argv, scan.returncode, scan.stdout, scan.stderr, what=what)
+        keylines = "\n".join(keys) + "\n"
+        fingerprints = _run(["ssh-keygen", "-lf", "-"], input_text=keylines, timeout=10, what=what).stdout
+        if known_hosts.exists():
+            lookup = ["ssh-keygen", "-F", name, "-f", str(known_hosts)]
+            recorded = _run(lookup, timeout=10, check=False).stdout
+            recorded_keys = {" ".join(line.split()[1:3]) for line in recorded.splitlines() if not line.startswith("#")}
+            offered = {" ".join(line.split()[1:3]) for line in keys}
+            if recorded_keys and not recorded_keys & offered:
+                problem = f"{known_hosts} already holds a different host key for {name}"
+                raise SSHError(scan_argv, 0, "", problem, what=f"accepting the host key of {name}")
+            if recorded_keys & offered:
+                return fingerprints
+        known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
+            handle.write(keylines)
+        return fingerprints
+
+    def prove_key_login(self, key: Path) -> None:
+        """Log in on a connection of its own with ``key`` alone (no password, no agent, no other key) and check that
+        the server accepted that very key; raise `SSHError` if not."""
+        fingerprint = _run(["ssh-keygen", "-lf", f"{key}.pub"], timeout=10, what="ssh-keygen").stdout.split()[1]
+        options = {
+            "ControlPath": "none",
+            "BatchMode": "yes",
+            "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no",
+            "IdentitiesOnly": "yes",
+            "IdentityAgent": "none",
+        }
+        settings = [arg for name, value in options.items() for arg in ("-o", f"{name}={value}")]
+        argv = ["ssh", "-v", *settings, *self._target_args(identity=False), "-i", str(key), "--", self.profile.host]
+        result = _run([*argv, "true"], timeout=60, error=SSHError, what="logging in with the new key")
+        if f"Server accepts key: {key}" not in result.stderr and fingerprint not in result.stderr:
+            raise SSHError(argv, 0, "", f"the server did not accept {key} itself", what="logging in with the new key")
 
 
 # ======================================================================================================================
@@ -2885,6 +3398,7 @@ class Server:
         credentials_path: str | os.PathLike[str] | None = None,
         *,
         profile: Profile | None = None,
+        config: Config | None = None,
         verbose: bool = False,
         timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
@@ -2893,6 +3407,7 @@ class Server:
                 raise UsageError("Server needs a credentials_path or a profile (see Server.from_profile)")
             profile = profile_from_legacy(Path(credentials_path))
         self.profile = profile
+        self.config = config  # the servers file the profile came from, saved when the profile changes
         self.connection = SSHConnection(profile, timeout=timeout, verbose=verbose)
         self.scheduler_queries = 0
         self._final: dict[str, JobInfo] = {}
@@ -2900,7 +3415,8 @@ class Server:
 
     @classmethod
     def from_profile(cls, name: str | None = None, *, config: Config | None = None, verbose: bool = False) -> Server:
-        return cls(profile=(config or load_config()).profile(name), verbose=verbose)
+        config = config or load_config()
+        return cls(profile=config.profile(name), config=config, verbose=verbose)
 
     def __enter__(self) -> Server:
         return self
@@ -2911,6 +3427,64 @@ class Server:
     def close(self) -> None:
         """Forget this object's state; the shared master stays for ControlPersist so the next command reuses it."""
         self._final.clear()
+
+    # -- connection -------------------------------------------------------------------------------------------------
+
+    @property
+    def destination(self) -> str:
+        """``user@host:port`` as this server is reached."""
+        return self.connection.describe()
+
+    def connect(self) -> bool:
+        """Open the shared connection now (asking for a password or second factor once); False if it was open."""
+        return self.connection.connect()
+
+    def disconnect(self) -> bool:
+        """Close the shared connection; False if there was none."""
+        return self.connection.disconnect()
+
+    def run(self, script: str, *, check: bool = True, what: str = "") -> subprocess.CompletedProcess:
+        """Run a POSIX sh script on the login node over the shared connection."""
+        return self.connection.run(script, check=check, what=what)
+
+    def accept_host_key(self) -> str:
+        """Record the server's host key in known_hosts (never replacing a different one); returns its fingerprints."""
+        return self.connection.accept_host_key()
+
+    def setup_key(self, key: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
+        """Make key login work: create an ed25519 key without a passphrase if ``key`` (default: the profile's, else
+        ~/.ssh/id_ed25519) does not exist, install its public half on the server, prove a login with that key alone,
+        then use it in the profile and forget the keyring password unless another profile still needs it. Returns
+        (the key, whether it was created)."""
+        path = Path(os.path.expanduser(key or self.profile.identity_file or "~/.ssh/id_ed25519"))
+        if path.exists() and not Path(f"{path}.pub").is_file():
+            raise UsageError(
+                f"{path} has no public key {path}.pub beside it; recreate it with "
+                f"'ssh-keygen -y -f {path} > {path}.pub'"
+            )
+        created = not path.exists()
+        if created:
+            _private_dir(path.parent)
+            comment = f"{self.profile.user or APP_NAME}@{APP_NAME}"
+            keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+            _run(keygen, timeout=30, what="ssh-keygen")
+        quoted = shlex.quote(Path(f"{path}.pub").read_text(encoding="utf-8").strip())
+        self.run(
+            "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+            f"{{ grep -qxF {quoted} ~/.ssh/authorized_keys || printf '%s\\n' {quoted} >> ~/.ssh/authorized_keys; }}",
+            what="installing the public key",
+        )
+        self.connection.prove_key_login(path)
+        account = self.profile.keyring_account
+        self.profile.identity_file = str(path)
+        had_password, self.profile.password_in_keyring = self.profile.password_in_keyring, False
+        shared = bool(self.config and profiles_sharing_password(self.config, self.profile))
+        if self.config is not None:
+            self.config.servers[self.profile.name] = self.profile
+            self.config.save()
+        if had_password and not shared:
+            delete_password(account)
+        return path, created
 
     # -- roots of the original API ---------------------------------------------------------------------------------
 
@@ -2947,35 +3521,96 @@ class Server:
     def user_working_root(self) -> PurePosixPath:
         return self._root(self.profile.working_root, self.profile.user, "working_root")
 
+    # -- where jobs run ---------------------------------------------------------------------------------------------
+
+    def _homes_path(self) -> Path:
+        return state_dir() / "homes.json"
+
+    def known_home(self) -> str | None:
+        """The remote home directory as remembered on this machine, without asking the server."""
+        import json
+
+        try:
+            home = json.loads(_read_state_file(self._homes_path(), "the cache of home directories") or "{}")
+            home = home.get(self.destination) if isinstance(home, dict) else None
+        except ValueError:
+            return None
+        return home if isinstance(home, str) and home.startswith("/") else None
+
     def remote_home(self) -> str:
         """The user's home directory on the server, asked once and remembered on this machine."""
         import json
 
-        cache_path = _private_dir(state_dir()) / "homes.json"
-        try:
-            cache = json.loads(_read_state_file(cache_path, "the cache of home directories") or "{}")
-        except ValueError:
-            cache = {}
-        if not isinstance(cache, dict) or not isinstance(cache.get(self.connection.describe(), ""), str):
-            cache = {}
-        key = self.connection.describe()
-        if key not in cache:
-            home = self.connection.run('printf %s "$HOME"', what="reading $HOME").stdout
+        home = self.known_home()
+        if home is None:
+            home = self.run('printf %s "$HOME"', what="reading $HOME").stdout
             if not home.startswith("/"):
                 raise SSHError(["printf", "$HOME"], 0, home, "the server did not report an absolute home directory")
-            cache[key] = home
-            write_private_file(cache_path, json.dumps(cache))
-        return str(cache[key])
+            try:
+                homes = json.loads(_read_state_file(self._homes_path(), "the cache of home directories") or "{}")
+            except ValueError:
+                homes = {}
+            homes = homes if isinstance(homes, dict) else {}
+            homes[self.destination] = home
+            write_private_file(self._homes_path(), json.dumps(homes))
+        return home
 
-    def default_job_directory(self, job_name: str, home: str | None = None) -> str:
-        """Where a job made from the command line runs: under the user's working root, or the remote home (``home``
-        stands in for it where the server must not be asked, as in a dry run)."""
-        leaf = unique_leaf(job_name)
-        if self.profile.working_root and self.profile.user:
-            return str(self.user_working_root / JOBS_ROOT_NAME / leaf)
-        return str(PurePosixPath(home or self.remote_home(), JOBS_ROOT_NAME, leaf))
+    def job_directory(self, job_name: str, home: str | None = None) -> str:
+        """A new directory for a job made from the command line: under the profile's working root (and user), else
+        under the remote home (``home``, else asked once)."""
+        profile = self.profile
+        if profile.working_root:
+            return default_job_directory(job_name, profile.working_root, profile.user, "")
+        return default_job_directory(job_name, None, None, home or self.remote_home())
+
+    def profile_defaults(self) -> dict[str, str]:
+        """The profile's job defaults that a command-line value overrides (see `choose`)."""
+        return {"partition": self.profile.partition, "account": self.profile.account}
+
+    def plan_job(self, job: Job) -> SubmissionPlan:
+        """What submitting ``job`` will do (see `SubmissionPlan`)."""
+        return plan_job(job, self.profile.name, self.user)
+
+    def plan_script(
+        self,
+        script: str,
+        *,
+        default_name: str = "script",
+        job_name: str | None = None,
+        working_directory: str | None = None,
+        sbatch_args: Sequence[str] = (),
+        home: str | None = None,
+    ) -> SubmissionPlan:
+        """What submitting a user's own script will do (see `plan_script`); ``home`` stands in for the remote home
+        where the server must not be asked (a dry run)."""
+        home = home or self.remote_home()
+        return plan_script(
+            script,
+            default_name=default_name,
+            default_directory=lambda name: self.job_directory(name, home),
+            home=home,
+            job_name=job_name,
+            working_directory=working_directory,
+            sbatch_args=sbatch_args,
+            defaults=self.profile_defaults(),
+            server=self.profile.name,
+            user=self.user,
+        )
 
     # -- submission -------------------------------------------------------------------------------------------------
+
+    def submit_plan(self, plan: SubmissionPlan) -> str:
+        """Carry out a plan in one round trip (directories, script, sbatch) and remember the job; returns its id."""
+        result = self.run(submit_command(plan), what=f"preparing {plan.record.working_directory}")
+        try:
+            sbatch_stdout, sbatch_rc = parse_submit_output(result.stdout)
+            if sbatch_rc != 0:
+                raise SlurmError(plan.sbatch_argv, sbatch_rc, sbatch_stdout, result.stderr, what="sbatch")
+            job_id = parse_sbatch_id(sbatch_stdout)
+        except ValueError as problem:
+            raise SlurmError(plan.sbatch_argv, 0, result.stdout, f"{result.stderr}\n{problem}", what="sbatch") from None
+        record_job(plan.record._replace(job_id=job_id, submitted=time.time()))
+        return job_id
 
     def submit_job(self, job: Job) -> Job:
         """Upload the job's script into its working directory and sbatch it, in one round trip; sets ``job.job_id``."""
@@ -2983,69 +3618,25 @@ class Server:
             raise UsageError(
                 f"job {job.job_name!r} was already submitted as {job.job_id}; create a new Job to run it again"
             )
-        job.job_id = self._submit(job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], [])
-        self._remember(job.job_id, job.job_name, job.working_directory, job.output_log, job.error_log, job.array)
+        job.job_id = self.submit_plan(self.plan_job(job))
         return job
 
     def submit_script(
         self,
         script: str,
         *,
-        working_directory: str,
+        working_directory: str | None = None,
         sbatch_args: Sequence[str] = (),
         job_name: str | None = None,
         output_log: str | None = None,
         error_log: str | None = None,
     ) -> str:
         """Submit a user's own script; its ``#SBATCH`` lines hold unless ``sbatch_args`` override them."""
-        name = job_name or script_directive(script, "job-name", "J") or "script"
-        args = script_sbatch_args(working_directory, sbatch_args, output_log, error_log)
-        logs = [path for path in (output_log, error_log) if path]
-        # Where the logs end up, as SLURM decides: options, else the script's own lines, else slurm-%j.out.
-        output = output_log or script_directive(script, "output", "o") or "slurm-%j.out"
-        error = error_log or script_directive(script, "error", "e") or output
-        job_id = self._submit(inject_exit_record(script), name, working_directory, logs, args)
-        self._remember(
-            job_id,
-            name,
-            working_directory,
-            str(PurePosixPath(working_directory, output)),
-            str(PurePosixPath(working_directory, error)),
-            next((arg.split("=", 1)[1] for arg in sbatch_args if arg.startswith("--array=")), None)
-            or script_directive(script, "array", "a"),
+        logs = [f"--output={output_log}"] * bool(output_log) + [f"--error={error_log}"] * bool(error_log)
+        plan = self.plan_script(
+            script, job_name=job_name, working_directory=working_directory, sbatch_args=[*sbatch_args, *logs]
         )
-        return job_id
-
-    def _submit(
-        self, script: str, name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
-    ) -> str:
-        command = submit_command(*submission_plan(name, working_directory, logs, sbatch_args))
-        argv = self.connection.ssh_argv(command)
-        result = self.connection.run(command, input_text=script, what=f"preparing {working_directory}")
-        try:
-            sbatch_stdout, sbatch_rc = parse_submit_output(result.stdout)
-            if sbatch_rc != 0:
-                raise SlurmError(argv, sbatch_rc, sbatch_stdout, result.stderr, what="sbatch")
-            return parse_sbatch_id(sbatch_stdout)
-        except ValueError as problem:
-            raise SlurmError(argv, 0, result.stdout, f"{result.stderr}\n{problem}", what="sbatch") from None
-
-    def _remember(
-        self, job_id: str, name: str, working_directory: str, output_log: str, error_log: str, array: str | None
-    ) -> None:
-        record_job(
-            JobRecord(
-                job_id,
-                self.profile.name,
-                name,
-                working_directory,
-                output_log,
-                error_log,
-                time.time(),
-                self.profile.user or "",
-                array or "",
-            )
-        )
+        return self.submit_plan(plan)
 
     # -- status -----------------------------------------------------------------------------------------------------
 
@@ -3065,7 +3656,7 @@ class Server:
         if wanted:
             records = load_job_records(self.profile.name)
             command = status_query_command(wanted, self._record_paths(wanted, records))
-            result = self.connection.run(command, what="squeue/sacct")
+            result = self.run(command, what="squeue/sacct")
             self.scheduler_queries += 1
             squeue_out, squeue_rc, sacct_out, sacct_rc, records_out = parse_status_query(result.stdout)
             if squeue_rc != 0 and "Invalid job id" not in squeue_out:
@@ -3112,83 +3703,54 @@ class Server:
         """Block until every job has ended; returns their final `JobInfo`.
 
         The end of a job is noticed from its exit record by one remote watcher (no scheduler query); the scheduler
-        is asked, for all jobs at once, at most every ``poll_first`` seconds backing off to ``poll_max``, for ends
-        no record shows (cancelled while pending, node failure) and to confirm each final state.
+        is asked, for all jobs at once, when `WaitSchedule` says so, for ends no record shows (cancelled while
+        pending, node failure) and to confirm each final state.
         """
-        import select
-
         ids = _job_ids(job_ids)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: dict[str, JobInfo] = {}
-
-        def unfinished() -> list[str]:
-            return [job_id for job_id in ids if job_id not in last or not last[job_id].status.is_finished]
-
         records = load_job_records(self.profile.name)
         record_paths = self._record_paths(ids, records)
-        # A job has ended, as far as its records tell, once every one of its tasks has written one.
-        tasks = {job_id: set(records[job_id].task_ids) for job_id in ids if job_id in records}
-        recorded: set[str] = set()
-        # Without a lasting session to spare, the scheduler alone tells when the jobs end.
-        session = self.connection.reserve_lasting_session() if record_paths else None
-        watcher = self.connection.popen(watcher_command(record_paths)) if session is not None else None
+        tasks = {job_id: frozenset(records[job_id].task_ids) for job_id in ids if job_id in records}
+        progress = WaitProgress(ids, tasks, WaitSchedule(time.monotonic(), poll_first, poll_max), timeout)
+        with contextlib.ExitStack() as stack:
+            watcher = None
+            if record_paths:
+                try:
+                    watcher = stack.enter_context(self.connection.lasting(watcher_command(record_paths)))
+                except SessionsBusy:
+                    pass  # without a lasting session to spare, the scheduler alone tells when the jobs end
+            return self._wait_loop(progress, watcher, on_change)
+
+    def _wait_loop(
+        self, progress: WaitProgress, watcher: subprocess.Popen | None, on_change: Callable[[JobInfo], None] | None
+    ) -> dict[str, JobInfo]:
+        """The I/O half of `wait`: ask the scheduler when the schedule says, read the watcher in between."""
+        import select
+
         buffer = ""
-        interval = poll_first
-        next_query = time.monotonic()
-        confirm_delay = 0.0
-        try:
-            while True:
-                if time.monotonic() >= next_query:
-                    for job_id, info in self.job_info(unfinished()).items():
-                        if on_change and (job_id not in last or last[job_id].status != info.status):
-                            on_change(info)
-                        last[job_id] = info
-                    if not unfinished():
-                        return {job_id: last[job_id] for job_id in ids}
-                    unknown = [job_id for job_id in unfinished() if last[job_id].status is JobStatus.UNKNOWN]
-                    if unknown:
-                        jobs = f"jobs {', '.join(unknown)} are" if len(unknown) > 1 else f"job {unknown[0]} is"
-                        raise UnknownJobError(
-                            f"{jobs} unknown to squeue and sacct on {self.profile.name!r}: check the id; a job that "
-                            "ended long ago may be forgotten by the scheduler"
-                        )
-                    if confirm_delay:
-                        # An exit record said a job ended; the scheduler lags it by seconds.
-                        next_query = time.monotonic() + confirm_delay
-                        confirm_delay = confirm_delay * 2 if confirm_delay < 4 else 0.0
-                    else:
-                        next_query = time.monotonic() + interval
-                        interval = min(interval * 1.5, poll_max)
-                if deadline is not None and time.monotonic() >= deadline:
-                    states = ", ".join(f"{job_id} {last[job_id].status}" for job_id in unfinished() if job_id in last)
-                    raise WaitTimeout(f"{len(unfinished())} job(s) still running after {timeout:g} s: {states}")
-                pause = next_query - time.monotonic()
-                if deadline is not None:
-                    pause = min(pause, deadline - time.monotonic())
-                pause = max(pause, 0.0)
-                if watcher is None:
-                    time.sleep(pause)
-                    continue
-                ready, _, _ = select.select([watcher.stdout], [], [], pause)
-                if not ready:
-                    continue
-                chunk = os.read(watcher.stdout.fileno(), 4096).decode(errors="replace")
-                if not chunk:  # every record seen, or the watcher died: the scheduler alone remains
-                    watcher.wait()
-                    watcher = None
-                    continue
-                *lines, buffer = (buffer + chunk).split("\n")
-                arrived = set(parse_exit_records("\n".join(lines)))
-                recorded |= arrived
-                if arrived and any(job_id in tasks and tasks[job_id] <= recorded for job_id in unfinished()):
-                    next_query = time.monotonic()
-                    confirm_delay = 0.5
-        finally:
-            if watcher is not None:
-                watcher.terminate()
-                watcher.wait()
-            if session is not None:
-                os.close(session)
+        while True:
+            now = time.monotonic()
+            if progress.schedule.due(now):
+                changed = progress.update(self.job_info(progress.unfinished()), time.monotonic())
+                for info in changed:
+                    if on_change:
+                        on_change(info)
+                if progress.done():
+                    return progress.result()
+                progress.check_known(self.profile.name)
+            progress.check_deadline(time.monotonic())
+            pause = progress.pause(time.monotonic())
+            if watcher is None:
+                time.sleep(pause)
+                continue
+            ready, _, _ = select.select([watcher.stdout], [], [], pause)
+            if not ready:
+                continue
+            chunk = os.read(watcher.stdout.fileno(), 4096).decode(errors="replace")
+            if not chunk:  # every record seen, or the watcher died: the scheduler alone remains
+                watcher = None
+                continue
+            *lines, buffer = (buffer + chunk).split("\n")
+            progress.records_arrived(parse_exit_records("\n".join(lines)), time.monotonic())
 
     # -- control ----------------------------------------------------------------------------------------------------
 
@@ -3199,14 +3761,12 @@ class Server:
         if not ids:
             return []
         # Without -v, scancel says nothing and exits 0 for a job that has ended or never existed.
-        command = shlex.join(["scancel", "-v", *ids])
-        result = self.connection.run(command, check=False)
+        argv = ["scancel", "-v", "--", *ids]
+        result = self.run(shlex.join(argv), check=False)
         refusals = parse_scancel_refusals(result.stderr)
         ended = [job_id for job_id, reason in refusals.items() if reason == SCANCEL_ALREADY_ENDED]
         if result.returncode != 0 or len(refusals) > len(ended):
-            raise SlurmError(
-                self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="scancel"
-            )
+            raise SlurmError(argv, result.returncode, result.stdout, result.stderr, what="scancel")
         return ended
 
     def abort_job(self, job: Job | str | int) -> None:
@@ -3214,10 +3774,99 @@ class Server:
 
     def queue(self) -> list[JobInfo]:
         """The user's own jobs in the queue."""
-        command = f"squeue -h --me -o {shlex.quote(SQUEUE_FORMAT)}"
-        result = self.connection.run(command, what="squeue")
+        result = self.run(f"squeue -h --me -o {shlex.quote(SQUEUE_FORMAT)}", what="squeue")
         self.scheduler_queries += 1
         return list(parse_squeue(result.stdout).values())
+
+    # -- logs -------------------------------------------------------------------------------------------------------
+
+    def job_record(self, job_id: str | int) -> JobRecord:
+        """What this machine remembers of a job it submitted to this server."""
+        job_id = normalize_job_id(job_id)
+        record = load_job_records(self.profile.name).get(job_id)
+        if record is None:
+            raise UsageError(
+                f"job {job_id} was not submitted from this machine to {self.profile.name!r}; "
+                "its log paths are unknown (see 'sl-forgery history')"
+            )
+        return record
+
+    def write_log(
+        self, job_id: str | int, sink: Callable[[bytes], object], *, error: bool = False, lines: int | None = None
+    ) -> None:
+        """Stream a job's output (or error) log to ``sink`` in constant memory, all of it or its last ``lines``;
+        a log the job has not written (yet) raises `SlForgeryError` saying which, with the job's state."""
+        record = self.job_record(job_id)
+        path = record.log_path(error=error)
+        quoted = shlex.quote(path)
+        command = f"tail -n {int(lines)} -- {quoted}" if lines is not None else f"cat -- {quoted}"
+        try:
+            self.connection.stream(f"[ -e {quoted} ] || exit 66\n{command}", sink, what=f"reading {path}")
+        except CommandError as failure:
+            if failure.returncode != 66:
+                raise
+            state = self.get_job_status(record.job_id)
+            if state.is_finished:
+                raise SlForgeryError(f"job {record.job_id} ({state}) ended without writing {path}") from None
+            raise SlForgeryError(
+                f"job {record.job_id} ({state}) has not written {path} yet; 'sl-forgery logs --follow "
+                f"{record.job_id}' shows it as it comes"
+            ) from None
+
+    def follow_log(
+        self, job_id: str | int, sink: Callable[[bytes], object], *, error: bool = False
+    ) -> dict[str, JobInfo]:
+        """Stream a job's log to ``sink`` as it grows until the job ends (then what it wrote last); returns its
+        final `JobInfo` as `wait` does. Holds one lasting session for the log."""
+        import threading
+
+        record = self.job_record(job_id)
+        tail = f"exec tail -n +1 -F -- {shlex.quote(record.log_path(error=error))} 2>/dev/null"
+        with self.connection.lasting(tail) as process:
+
+            def pump() -> None:
+                assert process.stdout is not None
+                while chunk := process.stdout.read1(1 << 16):
+                    sink(chunk)
+
+            thread = threading.Thread(target=pump, daemon=True)
+            thread.start()
+            infos = self.wait([record.job_id])
+            thread.join(timeout=LOG_SETTLE_SECONDS)  # what the job wrote last reaches tail within a second or so
+        return infos
+
+    def read_file(self, path: str, tail_lines: int | None = None) -> str:
+        quoted = shlex.quote(path)
+        command = f"tail -n {int(tail_lines)} -- {quoted}" if tail_lines else f"cat -- {quoted}"
+        return self.run(command, what=f"reading {path}").stdout
+
+    def log_tail(self, path: str, lines: int = 15) -> str:
+        """The last lines of a log, or nothing when the job never wrote it."""
+        try:
+            return self.read_file(path, tail_lines=lines)
+        except CommandError as error:
+            if isinstance(error, SSHError):
+                raise
+            return ""
+
+    # -- checks -----------------------------------------------------------------------------------------------------
+
+    def checks(self) -> list[list[str]]:
+        """Rows of (check, ok/FAIL, detail, fix) for the connection and what jobs need on the server: SLURM,
+        accounting (off is fine), the module system and the environment manager the profile uses (none needed when
+        it uses none)."""
+        started = time.monotonic()
+        try:
+            self.connection.ensure_connected()
+        except SSHError as error:
+            not_checked = ["FAIL", "not checked: no connection", "fix the connection first"]
+            skipped = [[name, *not_checked] for name in SERVER_CHECK_NAMES]
+            fix = "check the host, port and user; 'ssh' to it by hand; start its sshd"
+            return [["connection", "FAIL", error.summary, fix], *skipped]
+        elapsed = time.monotonic() - started
+        rows = [["connection", "ok", f"{self.destination} ({elapsed:.2f} s)", ""]]
+        checks = (_login_check, _slurm_check, _accounting_check, _module_check, _environment_check)
+        return rows + [check(self) for check in checks]
 
     # -- Jupyter ----------------------------------------------------------------------------------------------------
 
@@ -3226,9 +3875,9 @@ class Server:
         job_name: str,
         conda_environment: str,
         notebook_directory: str | os.PathLike[str],
-        cpus_to_use: int = 2,
-        ram_gb: float = 32,
-        time_limit: int = 240,
+        cpus_to_use: int = JUPYTER_DEFAULTS["cpus_to_use"],
+        ram_gb: float = JUPYTER_DEFAULTS["ram_gb"],
+        time_limit: int = JUPYTER_DEFAULTS["time_limit"],
         port: int = 0,
         jupyter_args: str = "",
         *,
@@ -3245,13 +3894,12 @@ class Server:
             job_name,
             conda_environment,
             notebook_directory,
-            cpus_to_use,
-            ram_gb,
-            time_limit,
-            port,
-            jupyter_args,
+            cpus_to_use=cpus_to_use,
+            ram_gb=ram_gb,
+            time_limit=time_limit,
+            port=port,
+            jupyter_args=jupyter_args,
             partition=partition,
-            working_directory=self.default_job_directory(job_name),
             setup=setup,
             env_manager=env_manager,
         )
@@ -3275,23 +3923,19 @@ class Server:
         return job
 
     def build_jupyter_job(
-        self,
-        job_name: str,
-        conda_environment: str,
-        notebook_directory: str | os.PathLike[str],
-        cpus_to_use: int,
-        ram_gb: float,
-        time_limit: int,
-        port: int,
-        jupyter_args: str,
-        *,
-        partition: str | None,
-        working_directory: str,
-        setup: Sequence[str] = (),
-        env_manager: str | None = None,
+        self, job_name: str, conda_environment: str, notebook_directory: str | os.PathLike[str], **options: Any
     ) -> JupyterJob:
-        """The job `launch_jupyter_server` submits, with this server's partition, account, set-up and environment
-        manager defaults (its set-up lines run first, then ``setup``)."""
+        """The job `launch_jupyter_server` submits. ``options``: `JupyterJob` and `Job` keywords (resources, ``port``,
+        ``jupyter_args``, ``setup`` after the profile's own; unset ones take JUPYTER_DEFAULTS and the profile's
+        partition, account and env_manager), and
+        ``working_directory`` (default: a new job directory, under ``home`` if given, where the server must not be
+        asked)."""
+        options = {key: value for key, value in options.items() if value is not None}
+        home = options.pop("home", None)
+        working_directory = options.pop("working_directory", None) or self.job_directory(job_name, home)
+        for field in ("partition", "account", "env_manager"):
+            options[field] = choose(options.get(field), self.profile, field)
+        options["setup"] = [*self.profile.setup, *options.get("setup", ())]
         return JupyterJob(
             job_name,
             f"{working_directory}/output.log",
@@ -3299,15 +3943,7 @@ class Server:
             working_directory,
             conda_environment,
             os.fspath(notebook_directory),
-            port,
-            jupyter_args,
-            cpus_to_use=cpus_to_use,
-            ram_gb=ram_gb,
-            time_limit=time_limit,
-            partition=partition or self.profile.partition,
-            account=self.profile.account,
-            setup=[*self.profile.setup, *setup],
-            env_manager=env_manager or self.profile.env_manager,
+            **{**JUPYTER_DEFAULTS, **options},
         )
 
     def _await_jupyter(
@@ -3338,7 +3974,7 @@ class Server:
                         tail,
                     )
             if last is not None and last.status is JobStatus.RUNNING:
-                text = self.connection.run(read, what="reading Jupyter's runtime file").stdout
+                text = self.run(read, what="reading Jupyter's runtime file").stdout
                 if text.strip():
                     job.host, job.port, job.token = parse_jupyter_runtime(text)
                     return
@@ -3356,17 +3992,11 @@ class Server:
         assert job.host and job.port and job.token and job.job_id
         if job.local_port:
             # A forward may survive from before; a new one follows on whatever port is free now.
-            self.connection.forward(job.local_port, job.host, job.port, cancel=True)
+            self.connection.cancel_forward(job.local_port, job.host, job.port)
         # The same local port as before when it is still free, so that an open browser tab keeps working.
-        candidates = [job.local_port] if job.local_port else []
-        for local_port in [*candidates, *(free_local_port() for _ in range(5))]:
-            if self.connection.forward(local_port, job.host, job.port):
-                break
-        else:
-            raise SSHError(["ssh", "-O", "forward"], 255, "", "no free local port could be forwarded")
-        job.local_port = local_port
-        job.url = f"http://127.0.0.1:{local_port}/lab?token={job.token}"
-        wait_for_http(f"http://127.0.0.1:{local_port}/api/status?token={job.token}", timeout)
+        job.local_port = self.connection.forward_free_port(job.host, job.port, preferred=job.local_port)
+        job.url = f"http://127.0.0.1:{job.local_port}/lab?token={job.token}"
+        wait_for_http(f"http://127.0.0.1:{job.local_port}/api/status?token={job.token}", timeout)
         self._remember_jupyter(job)
         return job
 
@@ -3391,7 +4021,7 @@ class Server:
         job = self.jupyter_job(job_id)
         self.cancel([job.job_id])
         if job.local_port:
-            self.connection.forward(job.local_port, job.host, job.port, cancel=True)
+            self.connection.cancel_forward(job.local_port, job.host, job.port)
         update_jupyter_records(lambda records: records.pop(job.job_id, None))
         browser_redirect_path(job.job_id).unlink(missing_ok=True)
 
@@ -3419,20 +4049,6 @@ class Server:
         }
         update_jupyter_records(lambda records: records.update({job.job_id: details}))
 
-    def read_file(self, path: str, tail_lines: int | None = None) -> str:
-        quoted = shlex.quote(path)
-        command = f"tail -n {int(tail_lines)} -- {quoted}" if tail_lines else f"cat -- {quoted}"
-        return self.connection.run(command, what=f"reading {path}").stdout
-
-    def log_tail(self, path: str, lines: int = 15) -> str:
-        """The last lines of a log, or nothing when the job never wrote it."""
-        try:
-            return self.read_file(path, tail_lines=lines)
-        except CommandError as error:
-            if isinstance(error, SSHError):
-                raise
-            return ""
-
     # -- files ------------------------------------------------------------------------------------------------------
 
     # Files travel as the output or input of an ssh call over the master, framed like every other command, not by
@@ -3442,7 +4058,7 @@ class Server:
     def push_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
         remote = shlex.quote(os.fspath(remote_file_path))
         with open(local_file_path, "rb") as source:
-            self._send(f"cat > {remote}", source, what=f"writing {remote_file_path}")
+            self.connection.send(f"cat > {remote}", source, what=f"writing {remote_file_path}")
 
     def pull_file(self, local_file_path: str | os.PathLike[str], remote_file_path: str | os.PathLike[str]) -> None:
         """Copy a remote file here; the local file is replaced only once the whole of it has arrived."""
@@ -3451,7 +4067,7 @@ class Server:
         try:
             with open(partial, "wb") as sink:
                 command = f"cat -- {shlex.quote(os.fspath(remote_file_path))}"
-                self._receive(command, sink, what=f"reading {remote_file_path}")
+                self.connection.stream(command, sink.write, what=f"reading {remote_file_path}")
             os.replace(partial, local)
         finally:
             partial.unlink(missing_ok=True)
@@ -3470,7 +4086,8 @@ class Server:
             stderr=subprocess.PIPE,
         )
         try:
-            self._send(f"mkdir -p -- {remote} && tar -xf - -C {remote}", archive.stdout, what=f"writing {remote}")
+            script = f"mkdir -p -- {remote} && tar -xf - -C {remote}"
+            self.connection.send(script, archive.stdout, what=f"writing {remote}")
         finally:
             archive.stdout.close()
             _, errors = archive.communicate()
@@ -3494,7 +4111,7 @@ class Server:
         )
         remote = shlex.quote(os.fspath(remote_directory_path))
         try:
-            self._receive(f"tar -C {remote} -cf - .", archive.stdin, what=f"reading {remote}")
+            self.connection.stream(f"tar -C {remote} -cf - .", archive.stdin.write, what=f"reading {remote}")
         finally:
             archive.stdin.close()
             errors = archive.stderr.read()
@@ -3502,59 +4119,17 @@ class Server:
         if archive.returncode != 0:
             raise CommandError(archive.args, archive.returncode, "", errors.decode(errors="replace"), what="tar")
 
-    def _send(self, command: str, source: Any, what: str) -> None:
-        """Run a remote command over the master with ``source`` (a binary file or pipe) as its stdin."""
-        import subprocess
-
-        self.connection.ensure_connected()
-        argv = self.connection.ssh_argv(command)
-        self.connection._log(argv)
-        result = subprocess.run(argv, stdin=source, capture_output=True)
-        if result.returncode != 0:
-            error = SSHError if result.returncode == 255 else CommandError
-            stdout, stderr = (text.decode(errors="replace") for text in (result.stdout, result.stderr))
-            raise error(argv, result.returncode, stdout, stderr, what=what)
-
-    def _receive(self, command: str, sink: Any, what: str) -> None:
-        """Run a remote command over the master and copy its own output, past whatever the login shell printed
-        before it, into ``sink`` (a binary file or pipe) as it comes."""
-        import shutil
-        import subprocess
-        import tempfile
-
-        self.connection.ensure_connected()
-        argv = self.connection.ssh_argv(command)
-        self.connection._log(argv)
-        marker = f"{OUTPUT_MARKER}\n".encode()
-        with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
-            assert process.stdout is not None
-            with process.stdout:
-                head = b""
-                while marker not in head:
-                    chunk = process.stdout.read1(65536)
-                    if not chunk:
-                        break
-                    head += chunk
-                sink.write(head.partition(marker)[2])
-                shutil.copyfileobj(process.stdout, sink)
-            returncode = process.wait()
-            errors.seek(0)
-            stderr = errors.read().decode(errors="replace")
-        if returncode != 0:
-            raise (SSHError if returncode == 255 else CommandError)(argv, returncode, "", stderr, what=what)
-
     def exists(self, remote_path: str | os.PathLike[str]) -> bool:
-        return self.connection.run(f"test -e {shlex.quote(os.fspath(remote_path))}", check=False).returncode == 0
+        return self.run(f"test -e {shlex.quote(os.fspath(remote_path))}", check=False).returncode == 0
 
     def remove(self, remote_path: str | os.PathLike[str], is_dir: bool = False, recursive: bool = False) -> None:
         path = shlex.quote(os.fspath(remote_path))
         command = f"rm -rf -- {path}" if recursive else (f"rmdir -- {path}" if is_dir else f"rm -f -- {path}")
-        self.connection.run(command, what=f"removing {remote_path}")
+        self.run(command, what=f"removing {remote_path}")
 
     def create_directory(self, remote_path: str | os.PathLike[str], parents: bool = True) -> None:
         flag = "-p " if parents else ""
-        self.connection.run(f"mkdir {flag}-- {shlex.quote(os.fspath(remote_path))}", what=f"creating {remote_path}")
+        self.run(f"mkdir {flag}-- {shlex.quote(os.fspath(remote_path))}", what=f"creating {remote_path}")
 
     # -- efficiency report ------------------------------------------------------------------------------------------
 
@@ -3564,16 +4139,14 @@ class Server:
         that has just ended is asked about again, for at most that long, until sacct has recorded each step's end.
         """
         ids = _job_ids(job_ids)
-        command = shlex.join(["sacct", "-n", "-P", "-j", ",".join(ids), "-o", USAGE_FIELDS])
+        argv = ["sacct", "-n", "-P", "-j", ",".join(ids), "-o", USAGE_FIELDS]
         deadline = time.monotonic() + settle
         pause = 0.25
         while True:
-            result = self.connection.run(command, check=False, what="sacct")
+            result = self.run(shlex.join(argv), check=False, what="sacct")
             self.scheduler_queries += 1
             if result.returncode != 0:
-                raise SlurmError(
-                    self.connection.ssh_argv(command), result.returncode, result.stdout, result.stderr, what="sacct"
-                )
+                raise SlurmError(argv, result.returncode, result.stdout, result.stderr, what="sacct")
             if usage_settled(result.stdout) or time.monotonic() + pause > deadline:
                 break
             time.sleep(pause)
@@ -3589,9 +4162,91 @@ class Server:
         return {task_id: usages[task_id] for job_id in ids for task_id in _task_ids(job_id, usages)}
 
 
+SERVER_CHECK_NAMES = ("login shell", "slurm", "accounting", "modules", "environment")
+ACCOUNTING_OFF_DETAIL = (
+    "off: states come from squeue and the jobs' exit records; a job squeue has forgotten and that left no record "
+    "reads UNKNOWN"
+)
+
+
+def _login_check(server: Server) -> list[str]:
+    result = server.run("printf '%s\\n' \"$SHELL\"", check=False)
+    shell = (result.stdout.strip().splitlines() or ["?"])[-1]
+    return ["login shell", "ok", f"{shell or '?'} (any login shell works)", ""]
+
+
+def _slurm_check(server: Server) -> list[str]:
+    result = server.run("sinfo --version", check=False)
+    if result.returncode == 0:
+        return ["slurm", "ok", (result.stdout.strip().splitlines() or [""])[0], ""]
+    fix = "put the SLURM client commands on the PATH of a non-interactive login"
+    return ["slurm", "FAIL", (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1], fix]
+
+
+def _accounting_check(server: Server) -> list[str]:
+    name, fix = "accounting", "ask the admins about accounting; statuses use exit records meanwhile"
+    try:
+        result = server.connection.run("sacct -n -X -S now -o JobID", check=False, timeout=ACCOUNTING_CHECK_TIMEOUT)
+    except SSHError as error:
+        if error.returncode != -15:
+            raise
+        return [name, "FAIL", f"sacct gave no answer within {ACCOUNTING_CHECK_TIMEOUT:g} s", fix]
+    if result.returncode == 0:
+        return [name, "ok", "on", ""]
+    if "accounting storage is disabled" in result.stderr:
+        return [name, "ok", ACCOUNTING_OFF_DETAIL, ""]
+    return [name, "FAIL", (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1], fix]
+
+
+def _bash_on_server(server: Server, lines: Sequence[str]) -> subprocess.CompletedProcess:
+    """Run job-script lines under bash on the login node, as a job would run them on its node."""
+    return server.run(shlex.join(["bash", "-c", "\n".join(["set -e", *lines])]), check=False)
+
+
+def _error_summary(result: subprocess.CompletedProcess) -> str:
+    """The first line of a failure's stderr (the failing program's own words) and its last (sl-forgery's line)."""
+    lines = [line.strip() for line in result.stderr.strip().splitlines() if line.strip()]
+    return " / ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else f"exit code {result.returncode}"
+
+
+def _module_check(server: Server) -> list[str]:
+    setup = server.profile.setup
+    needed = bool(setup) and any(_MODULE_COMMAND_RE.search(line.strip()) for line in setup)
+    probe = render_setup(["module --version"])
+    result = _bash_on_server(server, probe)
+    if result.returncode == 0:
+        version = " ".join((result.stderr + result.stdout).split()[:8])
+        return ["modules", "ok", version or "module is defined", ""]
+    if needed:
+        fix = "ask the site how jobs load modules, or drop the module lines from the profile's setup"
+        return ["modules", "FAIL", _error_summary(result), fix]
+    return ["modules", "ok", "none found (not needed: no set-up line uses module)", ""]
+
+
+def _environment_check(server: Server) -> list[str]:
+    profile = server.profile
+    environment = profile.conda_environment
+    if not environment:
+        result = _bash_on_server(server, [*render_setup(profile.setup), "conda --version"])
+        conda = result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else ""
+        found = f"conda found ({conda})" if conda else "no conda found"
+        return ["environment", "ok", f"none set; {found}; needed only for jobs given --env", ""]
+    manager = infer_env_manager(environment, profile.env_manager) or "found from the path"
+    lines = [*render_setup(profile.setup), *render_activation(environment, profile.env_manager)]
+    result = _bash_on_server(server, [*lines, "python --version 2>&1 || true"])
+    if result.returncode == 0:
+        python = (result.stdout.strip().splitlines() or ["no python"])[-1]
+        return ["environment", "ok", f"{environment} ({manager}): activates, {python}", ""]
+    fix = "make the environment on the server, or fix env_manager/setup in the profile ('sl-forgery server add')"
+    return ["environment", "FAIL", _error_summary(result), fix]
+
+
 # ======================================================================================================================
 # Command line
 # ======================================================================================================================
+
+
+# -- output: JSON schemas, progress, tables ----------------------------------------------------------------------------
 
 
 _NULLABLE_INT = {"type": ["integer", "null"]}
@@ -3757,18 +4412,11 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> No
     print(format_table(headers, rows, colour=colour))
 
 
+# -- shared by the job commands ----------------------------------------------------------------------------------------
+
+
 def _open_server(args: Any) -> Server:
     return Server.from_profile(args.server, verbose=args.verbose)
-
-
-def _check_resource_flags(args: Any) -> None:
-    """Refuse a bad --cpus, --time or --mem by the flag's own name, before anything reaches the cluster."""
-    if args.cpus is not None:
-        _check_int("--cpus", args.cpus)
-    if args.time is not None:
-        _check_int("--time (minutes)", args.time)
-    if args.mem is not None and not 0 < args.mem < float("inf"):
-        raise UsageError(f"--mem must be a positive number of gigabytes, not {args.mem:g}")
 
 
 def _read_script(path: Path) -> str:
@@ -3782,23 +4430,38 @@ def _read_script(path: Path) -> str:
         raise UsageError(f"cannot read script {path}: {_os_reason(error)}") from None
 
 
-def _sbatch_resource_args(args: Any) -> list[str]:
-    """sbatch options from the resource flags."""
-    _check_resource_flags(args)
-    options = []
-    for flag, value in (
-        ("cpus-per-task", args.cpus),
-        ("time", args.time),
-        ("partition", args.partition),
-        ("account", args.account),
-        ("qos", args.qos),
-        ("gpus", args.gpus),
-    ):
+def _dry_run_server(args: Any) -> Server:
+    """The server a real run would use, read from the config alone; a stand-in named SERVER if none is set up."""
+    config = load_config()
+    if config.servers or args.server or os.environ.get("SL_FORGERY_SERVER"):
+        return Server(profile=config.profile(args.server), config=config)
+    return Server(profile=Profile(name="SERVER", host="SERVER"))
+
+
+# A dry run asks the server nothing: where the remote home has never been read on this machine, this stands for it.
+UNKNOWN_HOME = "/~"
+
+
+def _plan_home(server: Server, dry_run: bool) -> str:
+    """The remote home directory, for paths under it: asked once and remembered; a dry run uses what is known."""
+    return (server.known_home() or UNKNOWN_HOME) if dry_run else server.remote_home()
+
+
+def _flag_values(args: Any) -> dict[str, Any]:
+    """The resource flags given, by Job field, each checked by its own flag's name before anything is sent."""
+    values = {}
+    for option in SBATCH_OPTIONS:
+        value = getattr(args, option.flag.lstrip("-"), None) if option.flag else None
         if value is not None:
-            options.append(f"--{flag}={value}")
-    if args.mem is not None:
-        options.append(f"--mem={_mem_option(args.mem)}")
-    return options
+            values[option.field] = option.check(option.flag, value)
+    return values
+
+
+def _flag_sbatch_args(values: Mapping[str, Any]) -> list[str]:
+    """The resource flags as sbatch options (for a user's own script, where they override its #SBATCH lines)."""
+    by_field = {option.field: option for option in SBATCH_OPTIONS if option.field}
+    skip = ("job_name", "working_directory")  # a script's name and directory are planned with their own rules
+    return [f"--{by_field[f].name}={by_field[f].render(v)}" for f, v in values.items() if f not in skip]
 
 
 def _show_error_tail(server: Server, infos: Iterable[JobInfo], lines: int = 15) -> None:
@@ -3883,29 +4546,22 @@ def _wait_and_report(
     return exit_code_for(infos.values())
 
 
-# Stands for the remote home directory in a dry run, which asks the server nothing.
-DRY_RUN_HOME = "/~"
+def _write_stdout(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
 
 
-def _dry_run_server(args: Any) -> Server:
-    """The server a real run would use, read from the config alone; a stand-in named SERVER if none is set up."""
-    config = load_config()
-    if config.servers or args.server or os.environ.get("SL_FORGERY_SERVER"):
-        return Server(profile=config.profile(args.server))
-    return Server(profile=Profile(name="SERVER", host="SERVER"))
-
-
-def _print_dry_run(
-    server: Server, script: str, job_name: str, working_directory: str, logs: Sequence[str], sbatch_args: Sequence[str]
-) -> int:
+def _print_dry_run(server: Server, plan: SubmissionPlan) -> int:
     """The script on stdout; on stderr, where it would be written and the sbatch command that would submit it."""
-    script_path, _, sbatch_argv = submission_plan(job_name, working_directory, logs, sbatch_args)
-    print(script, end="")
-    print(f"# would write this script to {script_path} on {server.connection.describe()}", file=sys.stderr)
-    print(f"# and run there: {shlex.join(sbatch_argv)}", file=sys.stderr)
-    if script_path.startswith(f"{DRY_RUN_HOME}/"):
-        print(f"# ({DRY_RUN_HOME} stands for your home directory on the server)", file=sys.stderr)
+    print(plan.script, end="")
+    print(f"# would write this script to {plan.script_path} on {server.destination}", file=sys.stderr)
+    print(f"# and run there: {shlex.join(plan.sbatch_argv)}", file=sys.stderr)
+    if plan.script_path.startswith(f"{UNKNOWN_HOME}/"):
+        print(f"# ({UNKNOWN_HOME} stands for your home directory on the server, not yet known here)", file=sys.stderr)
     return EXIT_OK
+
+
+# -- jobs -------------------------------------------------------------------------------------------------------------
 
 
 def cmd_submit(args: Any) -> int:
@@ -3913,26 +4569,28 @@ def cmd_submit(args: Any) -> int:
     if not path.is_file():
         raise UsageError(f"script {path} does not exist or is not a file")
     script = inject_setup(_read_script(path), args.setup)
-    own_name = script_directive(script, "job-name", "J")
-    name = args.name or own_name or path.stem
-    sbatch_args = _sbatch_resource_args(args) + ([f"--job-name={name}"] if args.name or not own_name else [])
+    values = _flag_values(args)
     _check_end_flags(args)
+    server = _dry_run_server(args) if args.dry_run else _open_server(args)
+    plan = server.plan_script(
+        script,
+        default_name=path.stem,
+        job_name=values.get("job_name"),
+        working_directory=values.get("working_directory"),
+        sbatch_args=_flag_sbatch_args(values),
+        home=_plan_home(server, args.dry_run),
+    )
     if args.dry_run:
-        server = _dry_run_server(args)
-        workdir = args.workdir or server.default_job_directory(name, home=DRY_RUN_HOME)
-        command_args = script_sbatch_args(workdir, sbatch_args)
-        return _print_dry_run(server, inject_exit_record(script), name, workdir, [], command_args)
-    server = _open_server(args)
-    workdir = args.workdir or server.default_job_directory(name)
-    job_id = server.submit_script(script, working_directory=workdir, sbatch_args=sbatch_args, job_name=name)
+        return _print_dry_run(server, plan)
+    job_id = server.submit_plan(plan)
     print(job_id, flush=True)
     return _wait_and_report(server, [job_id], args) if args.wait else EXIT_OK
 
 
 def _environment_arguments(args: Any, profile: Profile) -> dict[str, Any]:
     """A job's environment, its manager and set-up lines, from the command line over the profile's defaults."""
-    environment = args.env or profile.conda_environment
-    env_manager = args.env_manager or profile.env_manager
+    environment = choose(args.env, profile, "conda_environment")
+    env_manager = choose(args.env_manager, profile, "env_manager")
     if env_manager and not environment:
         raise UsageError(f"--env-manager {env_manager} needs an environment: pass --env ENV")
     return {
@@ -3942,35 +4600,37 @@ def _environment_arguments(args: Any, profile: Profile) -> dict[str, Any]:
     }
 
 
+def _job_from_args(args: Any, server: Server, command: Sequence[str]) -> Job:
+    """The job `run` submits: the resource flags, else the profile's defaults, else Job's own."""
+    values = _flag_values(args)
+    name = values.pop("job_name", None) or Path(command[0]).name
+    workdir = values.pop("working_directory", None) or server.job_directory(name, _plan_home(server, args.dry_run))
+    for field in ("partition", "account"):
+        values[field] = choose(values.get(field), server.profile, field)
+    job = Job(
+        name,
+        f"{workdir}/output.log",
+        f"{workdir}/error.log",
+        workdir,
+        **_environment_arguments(args, server.profile),
+        **values,
+    )
+    job.add_command(shlex.join(command))
+    return job
+
+
 def cmd_run(args: Any) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise UsageError("no command given; usage: sl-forgery run [OPTIONS] -- COMMAND [ARGS...]")
-    _check_resource_flags(args)
+    _flag_values(args)  # a bad flag is refused before the config is read
     _check_end_flags(args)
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
-    profile = server.profile
-    name = args.name or Path(command[0]).name
-    workdir = args.workdir or server.default_job_directory(name, home=DRY_RUN_HOME if args.dry_run else None)
-    job = Job(
-        name,
-        f"{workdir}/output.log",
-        f"{workdir}/error.log",
-        workdir,
-        **_environment_arguments(args, profile),
-        cpus_to_use=1 if args.cpus is None else args.cpus,
-        ram_gb=4 if args.mem is None else args.mem,
-        time_limit=60 if args.time is None else args.time,
-        partition=args.partition or profile.partition,
-        account=args.account or profile.account,
-        qos=args.qos,
-        gpus=args.gpus,
-    )
-    job.add_command(shlex.join(command))
+    job = _job_from_args(args, server, command)
     if args.dry_run:
-        return _print_dry_run(server, job.script, name, workdir, [job.output_log, job.error_log], [])
+        return _print_dry_run(server, server.plan_job(job))
     server.submit_job(job)
     assert job.job_id is not None
     print(job.job_id, flush=True)
@@ -3979,9 +4639,9 @@ def cmd_run(args: Any) -> int:
 
     def show_output() -> None:
         try:
-            sys.stdout.write(server.read_file(expand_log_pattern(job.output_log, job.job_id or "", job.job_name)))
-        except CommandError as error:
-            print(f"{APP_NAME}: warning: cannot read the output log: {error.summary}", file=sys.stderr)
+            server.write_log(job.job_id or "", _write_stdout)
+        except SlForgeryError as error:
+            print(f"{APP_NAME}: warning: cannot read the output log: {str(error).splitlines()[0]}", file=sys.stderr)
 
     return _wait_and_report(server, [job.job_id], args, show_output)
 
@@ -4037,54 +4697,15 @@ def cmd_cancel(args: Any) -> int:
 
 def cmd_logs(args: Any) -> int:
     server = _open_server(args)
-    job_id = normalize_job_id(args.job_id)
-    record = load_job_records(server.profile.name).get(job_id)
-    if record is None:
-        raise UsageError(
-            f"job {job_id} was not submitted from this machine to {server.profile.name!r}; "
-            "its log paths are unknown (see 'sl-forgery history')"
-        )
-    path = record.log_path(error=args.err)
     if not args.follow:
-        try:
-            sys.stdout.write(server.read_file(path, tail_lines=args.lines))
-        except CommandError as error:
-            if isinstance(error, SSHError) or "No such file" not in error.stderr:
-                raise
-            state = server.get_job_status(job_id)
-            if state.is_finished:
-                raise SlForgeryError(f"job {job_id} ({state}) ended without writing {path}") from None
-            raise SlForgeryError(
-                f"job {job_id} ({state}) has not written {path} yet; 'sl-forgery logs --follow {job_id}' shows it "
-                "as it comes"
-            ) from None
+        server.write_log(args.job_id, _write_stdout, error=args.err, lines=args.lines)
         return EXIT_OK
-    session = server.connection.reserve_lasting_session()
-    if session is None:
-        raise SlForgeryError(
-            f"{LASTING_SESSIONS} sl-forgery commands already follow or wait on {server.profile.name!r} from this "
-            "machine; try again when one ends, or read the log without --follow"
-        )
-    tail = server.connection.popen(f"tail -n +1 -F -- {shlex.quote(path)} 2>/dev/null")
     try:
-        import threading
-
-        def pump() -> None:
-            assert tail.stdout is not None
-            for line in tail.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        infos = server.wait([job_id])
-        time.sleep(1.0)  # let tail print what the job wrote last
+        infos = server.follow_log(args.job_id, _write_stdout, error=args.err)
+    except SessionsBusy as busy:
+        raise SlForgeryError(f"{busy}; try again when one ends, or read the log without --follow") from None
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    finally:
-        tail.terminate()
-        tail.wait()
-        os.close(session)
     return exit_code_for(infos.values())
 
 
@@ -4129,16 +4750,19 @@ def cmd_history(args: Any) -> int:
     return EXIT_OK
 
 
+# -- connection and checks ---------------------------------------------------------------------------------------------
+
+
 def cmd_connect(args: Any) -> int:
     server = _open_server(args)
-    started = server.connection.connect()
-    return _say(args, f"{'connected to' if started else 'already connected to'} {server.connection.describe()}")
+    started = server.connect()
+    return _say(args, f"{'connected to' if started else 'already connected to'} {server.destination}")
 
 
 def cmd_disconnect(args: Any) -> int:
     server = _open_server(args)
-    stopped = server.connection.disconnect()
-    return _say(args, f"{'disconnected from' if stopped else 'no connection to'} {server.connection.describe()}")
+    stopped = server.disconnect()
+    return _say(args, f"{'disconnected from' if stopped else 'no connection to'} {server.destination}")
 
 
 def _say(args: Any, message: str) -> int:
@@ -4148,109 +4772,13 @@ def _say(args: Any, message: str) -> int:
     return EXIT_OK
 
 
-SERVER_CHECK_NAMES = ("login shell", "slurm", "accounting", "modules", "environment")
-ACCOUNTING_OFF_DETAIL = (
-    "off: states come from squeue and the jobs' exit records; a job squeue has forgotten and that left no record "
-    "reads UNKNOWN"
-)
-
-
-def _login_check(server: Server) -> list[str]:
-    result = server.connection.run("printf '%s\\n' \"$SHELL\"", check=False)
-    shell = (result.stdout.strip().splitlines() or ["?"])[-1]
-    return ["login shell", "ok", f"{shell or '?'} (any login shell works)", ""]
-
-
-def _slurm_check(server: Server) -> list[str]:
-    result = server.connection.run("sinfo --version", check=False)
-    if result.returncode == 0:
-        return ["slurm", "ok", (result.stdout.strip().splitlines() or [""])[0], ""]
-    fix = "put the SLURM client commands on the PATH of a non-interactive login"
-    return ["slurm", "FAIL", (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1], fix]
-
-
-def _accounting_check(server: Server) -> list[str]:
-    name, fix = "accounting", "ask the admins about accounting; statuses use exit records meanwhile"
-    try:
-        result = server.connection.run("sacct -n -X -S now -o JobID", check=False, timeout=ACCOUNTING_CHECK_TIMEOUT)
-    except SSHError as error:
-        if error.returncode != -15:
-            raise
-        return [name, "FAIL", f"sacct gave no answer within {ACCOUNTING_CHECK_TIMEOUT:g} s", fix]
-    if result.returncode == 0:
-        return [name, "ok", "on", ""]
-    if "accounting storage is disabled" in result.stderr:
-        return [name, "ok", ACCOUNTING_OFF_DETAIL, ""]
-    return [name, "FAIL", (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1], fix]
-
-
-def _bash_on_server(server: Server, lines: Sequence[str]) -> subprocess.CompletedProcess:
-    """Run job-script lines under bash on the login node, as a job would run them on its node."""
-    return server.connection.run(shlex.join(["bash", "-c", "\n".join(["set -e", *lines])]), check=False)
-
-
-def _error_summary(result: subprocess.CompletedProcess) -> str:
-    """The first line of a failure's stderr (the failing program's own words) and its last (sl-forgery's line)."""
-    lines = [line.strip() for line in result.stderr.strip().splitlines() if line.strip()]
-    return " / ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else f"exit code {result.returncode}"
-
-
-def _module_check(server: Server) -> list[str]:
-    setup = server.profile.setup
-    needed = bool(setup) and any(_MODULE_COMMAND_RE.search(line.strip()) for line in setup)
-    probe = render_setup(["module --version"])
-    result = _bash_on_server(server, probe)
-    if result.returncode == 0:
-        version = " ".join((result.stderr + result.stdout).split()[:8])
-        return ["modules", "ok", version or "module is defined", ""]
-    if needed:
-        fix = "ask the site how jobs load modules, or drop the module lines from the profile's setup"
-        return ["modules", "FAIL", _error_summary(result), fix]
-    return ["modules", "ok", "none found (not needed: no set-up line uses module)", ""]
-
-
-def _environment_check(server: Server) -> list[str]:
-    profile = server.profile
-    environment = profile.conda_environment
-    if not environment:
-        result = _bash_on_server(server, [*render_setup(profile.setup), "conda --version"])
-        conda = result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else ""
-        found = f"conda found ({conda})" if conda else "no conda found"
-        return ["environment", "ok", f"none set; {found}; needed only for jobs given --env", ""]
-    manager = infer_env_manager(environment, profile.env_manager) or "found from the path"
-    lines = [*render_setup(profile.setup), *render_activation(environment, profile.env_manager)]
-    result = _bash_on_server(server, [*lines, "python --version 2>&1 || true"])
-    if result.returncode == 0:
-        python = (result.stdout.strip().splitlines() or ["no python"])[-1]
-        return ["environment", "ok", f"{environment} ({manager}): activates, {python}", ""]
-    fix = "make the environment on the server, or fix env_manager/setup in the profile ('sl-forgery server add')"
-    return ["environment", "FAIL", _error_summary(result), fix]
-
-
-def _server_checks(server: Server) -> list[list[str]]:
-    """Rows of (check, ok/FAIL, detail, fix) for the connection and what jobs need on the server: SLURM, accounting
-    (off is fine), the module system and the environment manager the profile uses (none needed when it uses none)."""
-    started = time.monotonic()
-    try:
-        server.connection.ensure_connected()
-    except SSHError as error:
-        not_checked = ["FAIL", "not checked: no connection", "fix the connection first"]
-        skipped = [[name, *not_checked] for name in SERVER_CHECK_NAMES]
-        fix = "check the host, port and user; 'ssh' to it by hand; start its sshd"
-        return [["connection", "FAIL", error.summary, fix], *skipped]
-    elapsed = time.monotonic() - started
-    rows = [["connection", "ok", f"{server.connection.describe()} ({elapsed:.2f} s)", ""]]
-    checks = (_login_check, _slurm_check, _accounting_check, _module_check, _environment_check)
-    return rows + [check(server) for check in checks]
-
-
 def _print_checks(rows: list[list[str]]) -> int:
     _print_table(["CHECK", "RESULT", "DETAIL", "FIX"], rows)
     return EXIT_OK if all(row[1] == "ok" for row in rows) else EXIT_FAILURE
 
 
 def cmd_check(args: Any) -> int:
-    return _print_checks(_server_checks(_open_server(args)))
+    return _print_checks(_open_server(args).checks())
 
 
 def _local_checks() -> list[list[str]]:
@@ -4294,8 +4822,11 @@ def cmd_doctor(args: Any) -> int:
     except ConfigError as error:
         rows.append(["server", "FAIL", str(error), "sl-forgery server add NAME --host H --user U"])
     else:
-        rows += _server_checks(server)
+        rows += server.checks()
     return _print_checks(rows)
+
+
+# -- server profiles ---------------------------------------------------------------------------------------------------
 
 
 def _read_new_password(args: Any) -> str | None:
@@ -4384,7 +4915,7 @@ def cmd_server_add(args: Any) -> int:
     )
     _check_new_profile(profile)
     if args.accept_host_key:
-        fingerprints = accept_host_key(SSHConnection(profile, verbose=args.verbose))
+        fingerprints = Server(profile=profile, verbose=args.verbose).accept_host_key()
         print(f"accepted the host key of {profile.host}:\n{fingerprints.rstrip()}", file=sys.stderr)
     password = _read_new_password(args)
     if password is not None:
@@ -4470,136 +5001,45 @@ def cmd_server_import(args: Any) -> int:
     )
 
 
-def accept_host_key(connection: SSHConnection) -> str:
-    """Fetch the server's host key, show its fingerprint, and record it in the known_hosts file ssh uses for it.
-    A different key already recorded for that host is never replaced."""
-    settings = connection.ssh_settings()
-    host, port = settings["hostname"], settings["port"]
-    known_hosts = Path(os.path.expanduser(settings["userknownhostsfile"].split()[0]))
-    name = host if port == "22" else f"[{host}]:{port}"
-    scan_argv = ["ssh-keyscan", "-p", port, "-t", "ed25519,ecdsa,rsa", host]
-    scan = _run(scan_argv, timeout=30)
-    keys = [line for line in scan.stdout.splitlines() if line.strip() and not line.startswith("#")]
-    if not keys:
-        raise SSHError(scan_argv, scan.returncode, scan.stdout, scan.stderr, what=f"fetching the host key of {name}")
-    fingerprints = _run(["ssh-keygen", "-lf", "-"], input_text="\n".join(keys) + "\n", timeout=10).stdout
-    if known_hosts.exists():
-        recorded = _run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], timeout=10).stdout
-        recorded_keys = {" ".join(line.split()[1:3]) for line in recorded.splitlines() if not line.startswith("#")}
-        offered = {" ".join(line.split()[1:3]) for line in keys}
-        if recorded_keys and not recorded_keys & offered:
-            raise SSHError(
-                scan_argv,
-                0,
-                "",
-                f"{known_hosts} already holds a different host key for {name}",
-                what=f"accepting the host key of {name}",
-            )
-        if recorded_keys & offered:
-            return fingerprints
-    known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    descriptor = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(keys) + "\n")
-    return fingerprints
-
-
 def cmd_server_setup_key(args: Any) -> int:
-    config = load_config()
-    profile = config.profile(args.name)
-    key = Path(os.path.expanduser(args.key or profile.identity_file or "~/.ssh/id_ed25519"))
-    if key.exists() and not Path(f"{key}.pub").is_file():
-        raise UsageError(
-            f"{key} has no public key {key}.pub beside it; recreate it with 'ssh-keygen -y -f {key} > {key}.pub'"
-        )
-    if not key.exists():
-        _private_dir(key.parent)
-        keygen = [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"{profile.user or 'sl-forgery'}@sl-forgery",
-            "-f",
-            str(key),
-        ]
-        result = _run(keygen, timeout=30)
-        if result.returncode != 0:
-            raise CommandError(keygen, result.returncode, result.stdout, result.stderr, what="ssh-keygen")
+    server = Server.from_profile(args.name, verbose=args.verbose)
+    key, created = server.setup_key(args.key)
+    if created:
         print(f"created {key} (no passphrase; add one with 'ssh-keygen -p -f {key}')", file=sys.stderr)
-    public_key = Path(f"{key}.pub").read_text(encoding="utf-8").strip()
-    connection = SSHConnection(profile, verbose=args.verbose)
-    quoted = shlex.quote(public_key)
-    connection.run(
-        "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
-        f"{{ grep -qxF {quoted} ~/.ssh/authorized_keys || printf '%s\\n' {quoted} >> ~/.ssh/authorized_keys; }}",
-        what="installing the public key",
-    )
-    # Prove the key works on a connection of its own, password refused, before the password is forgotten.
-    check_argv = [
-        "ssh",
-        "-o",
-        "ControlPath=none",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "PasswordAuthentication=no",
-        "-o",
-        "KbdInteractiveAuthentication=no",
-        *connection._target_args(),
-        "-i",
-        str(key),
-        "--",
-        profile.host,
-        "true",
-    ]
-    result = _run(check_argv, timeout=60)
-    if result.returncode != 0:
-        raise SSHError(check_argv, result.returncode, result.stdout, result.stderr, what="logging in with the new key")
-    profile.identity_file = str(key)
-    if profile.password_in_keyring:
-        delete_password(profile.keyring_account)
-        profile.password_in_keyring = False
-    config.save()
-    return _say(args, f"{profile.name}: key login works with {key}; the password is no longer needed or kept")
+    return _say(args, f"{server.profile.name}: key login works with {key}; the password is no longer needed or kept")
+
+
+# -- Jupyter -----------------------------------------------------------------------------------------------------------
 
 
 def cmd_jupyter(args: Any) -> int:
-    _check_resource_flags(args)
+    values = _flag_values(args)
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
-    environment = args.env or server.profile.conda_environment
+    environment = choose(args.env, server.profile, "conda_environment")
     if not environment:
         raise UsageError("no conda environment with jupyterlab given: pass --env ENV (or set conda_environment)")
-    home = DRY_RUN_HOME if args.dry_run else None
+    home = _plan_home(server, args.dry_run) if args.dry_run or not server.profile.working_root else None
     if args.dir:
         notebooks = args.dir
     elif server.profile.working_root:
-        notebooks = str(server.user_working_root)
+        notebooks = str(PurePosixPath(server.profile.working_root, server.profile.user or ""))
     else:
         notebooks = home or server.remote_home()
     job = server.build_jupyter_job(
         "jupyter",
         environment,
         notebooks,
-        args.cpus,
-        args.mem,
-        args.time,
-        args.port,
-        args.jupyter_args or "",
-        partition=args.partition,
-        working_directory=server.default_job_directory("jupyter", home=home),
+        home=home,
         setup=args.setup,
         env_manager=args.env_manager,
+        port=args.port,
+        jupyter_args=args.jupyter_args or "",
+        **values,
     )
     if args.dry_run:
         if args.json:
             raise UsageError("--dry-run prints the job script, not JSON: leave out --json")
-        return _print_dry_run(
-            server, job.script, job.job_name, job.working_directory, [job.output_log, job.error_log], []
-        )
+        return _print_dry_run(server, server.plan_job(job))
     try:
         server.start_jupyter(job, wait_timeout=args.wait_timeout, on_change=Progress(quiet=args.quiet))
     except JupyterError as error:
@@ -4683,6 +5123,9 @@ def cmd_jupyter_connect(args: Any) -> int:
 def cmd_jupyter_stop(args: Any) -> int:
     _open_server(args).stop_jupyter(args.job_id)
     return _say(args, f"stopped Jupyter job {normalize_job_id(args.job_id)}")
+
+
+# -- completion --------------------------------------------------------------------------------------------------------
 
 
 def cmd_completion(args: Any) -> int:
@@ -4805,6 +5248,9 @@ _COMPLETE_JOB = {"bash": "_sl_forgery_jobs", "zsh": "_sl_forgery_jobs", "fish": 
 _COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "fish": "files"}
 
 
+# -- the parser --------------------------------------------------------------------------------------------------------
+
+
 def _print_usage(parser: Any) -> int:
     """A command that needs an action was given none: show its help on stderr."""
     parser.print_help(sys.stderr)
@@ -4812,16 +5258,14 @@ def _print_usage(parser: Any) -> int:
 
 
 def _add_resource_options(parser: Any) -> None:
+    """The resource flags, from the one table of sbatch options."""
     group = parser.add_argument_group("resources")
-    group.add_argument("--cpus", type=int, metavar="N", help="CPUs per task")
-    group.add_argument("--mem", type=float, metavar="GB", help="memory in GB")
-    group.add_argument("--time", type=int, metavar="MIN", help="time limit in minutes")
-    group.add_argument("--partition", metavar="P")
-    group.add_argument("--account", metavar="A")
-    group.add_argument("--qos", metavar="Q")
-    group.add_argument("--gpus", metavar="N")
-    group.add_argument("--name", metavar="NAME", help="job name")
-    group.add_argument("--workdir", metavar="DIR", help="working directory on the server (created if missing)")
+    metavars = {"--time": "MIN", "--workdir": "DIR", "--name": "NAME", "--mem": "GB", "--cpus": "N", "--gpus": "N"}
+    for option in SBATCH_OPTIONS:
+        if option.flag:
+            group.add_argument(
+                option.flag, type=option.kind, metavar=metavars.get(option.flag, "VALUE"), help=option.help
+            )
 
 
 def _add_setup_option(parser: Any) -> None:
@@ -5012,9 +5456,10 @@ def get_parser() -> Any:
     sub.add_argument("-e", "--env", metavar="ENV", help="environment with jupyterlab (conda name, venv, uv or pixi)")
     sub.add_argument("--env-manager", choices=ENV_MANAGERS, help="what ENV is (default: conda for a name)")
     _add_setup_option(sub)
-    sub.add_argument("-c", "--cpus", type=int, default=2, metavar="N", help="CPUs (default 2)")
-    sub.add_argument("-m", "--mem", type=float, default=32, metavar="GB", help="memory in GB (default 32)")
-    sub.add_argument("-t", "--time", type=int, default=240, metavar="MIN", help="time limit in minutes (default 240)")
+    cpus, mem, minutes = (JUPYTER_DEFAULTS[field] for field in ("cpus_to_use", "ram_gb", "time_limit"))
+    sub.add_argument("-c", "--cpus", type=int, metavar="N", help=f"CPUs (default {cpus})")
+    sub.add_argument("-m", "--mem", type=float, metavar="GB", help=f"memory in GB (default {mem})")
+    sub.add_argument("-t", "--time", type=int, metavar="MIN", help=f"time limit in minutes (default {minutes})")
     sub.add_argument("-p", "--port", type=int, default=0, help="port on the node (default 0: any free port)")
     sub.add_argument("--dir", metavar="DIR", help="notebook directory on the server (default: your working root)")
     sub.add_argument("--partition", metavar="P")
@@ -5039,6 +5484,9 @@ def get_parser() -> Any:
     sub = command("completion", cmd_completion, "print a shell completion script")
     sub.add_argument("shell", choices=COMPLETION_SHELLS)
     return parser
+
+
+# -- entry points ------------------------------------------------------------------------------------------------------
 
 
 def _help_width() -> int:
@@ -5215,7 +5663,7 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
             **legacy_derived_roots(args.username, args.storage_root, args.working_root, args.shared_directory_name),
         }
         if password:
-            store_password(f"{args.username}@{args.host}:{DEFAULT_PORT}", password)
+            store_password(keyring_account(args.username, args.host, None), password)
         else:
             fields["key_login"] = True  # nothing in the keyring to look for
         write_legacy_credentials(target, fields)

@@ -31,7 +31,19 @@ def main() -> None:
     home = server.remote_home()
     workdir = f"{home}/bench"
 
-    raw_master = connection.ssh_argv("sbatch --parsable -o /dev/null --wrap true")
+    raw_master = [
+        "ssh",
+        "-o",
+        f"ControlPath={connection.socket_path()}",
+        "-o",
+        "ControlMaster=no",
+        "-p",
+        env["SLF_CLUSTER_PORT"],
+        "-l",
+        env["SLF_CLUSTER_USER"],
+        env["SLF_CLUSTER_HOST"],
+        "sbatch --parsable -o /dev/null --wrap true",
+    ]
     fresh = [
         "ssh",
         "-o",

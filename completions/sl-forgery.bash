@@ -9,8 +9,8 @@ _shtab_sl_forgery_server_subparsers=(add list show remove default check setup-ke
 _shtab_sl_forgery_jupyter_subparsers=(list connect stop)
 _shtab_sl_forgery_subparsers=(submit run wait status report cancel logs queue history connect disconnect check doctor server jupyter completion)
 
-_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cpus --mem --time --partition --account --qos --gpus --name --workdir --setup --wait --timeout --dry-run)
-_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --env --env-manager --setup --cpus --mem --time --partition --account --qos --gpus --name --workdir --wait --timeout --dry-run)
+_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --name --workdir --cpus --mem --time --partition --account --qos --gpus --setup --wait --timeout --dry-run)
+_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --env --env-manager --setup --name --workdir --cpus --mem --time --partition --account --qos --gpus --wait --timeout --dry-run)
 _shtab_sl_forgery_wait_option_strings=(-h --help -s --server -v --verbose -q --quiet --json --notify --no-notify --on-end --report --timeout)
 _shtab_sl_forgery_status_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
 _shtab_sl_forgery_report_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)

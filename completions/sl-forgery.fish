@@ -42,15 +42,15 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l notify -l no-n
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l report -d 'print what each job used of what it asked for'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -F
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l name -x -d 'job name'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l workdir -x -d 'working directory on the server (created if missing)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l cpus -x -d 'CPUs per task'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l mem -x -d 'memory in GB'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l time -x -d 'time limit in minutes'
-complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l partition -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l account -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l qos -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l gpus -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l name -x -d 'job name'
-complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l workdir -x -d 'working directory on the server (created if missing)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l partition -x -d 'partition'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l account -x -d 'account to charge'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l qos -x -d 'quality of service'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l gpus -x -d 'GPUs (a number, or TYPE:N)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l wait -d 'follow the job to its end and exit with its code'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l timeout -x -d 'with --wait: give up after this long (exit 124)'
@@ -65,15 +65,15 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l report -d 'print 
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env -x -d 'environment to activate: a conda environment, or a venv, uv or pixi path'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what ENV is (default: conda for a name, found out for a path)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l name -x -d 'job name'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l workdir -x -d 'working directory on the server (created if missing)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l cpus -x -d 'CPUs per task'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l mem -x -d 'memory in GB'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l time -x -d 'time limit in minutes'
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l partition -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l account -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l qos -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l gpus -x
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l name -x -d 'job name'
-complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l workdir -x -d 'working directory on the server (created if missing)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l partition -x -d 'partition'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l account -x -d 'account to charge'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l qos -x -d 'quality of service'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l gpus -x -d 'GPUs (a number, or TYPE:N)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l wait -d 'follow the job, print its output, exit with its code'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l timeout -x -d 'with --wait: give up after this long (exit 124)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l dry-run -d 'print the job script; connect to nothing'

@@ -345,7 +345,8 @@ def test_a_killed_master_is_restarted_once_and_never_bypassed(server, cluster):
 def test_a_failed_remote_command_raises_with_command_code_and_stderr(server):
     with pytest.raises(sl_forgery.CommandError) as error:
         server.connection.run("echo oops >&2; exit 7")
-    assert error.value.returncode == 7 and "oops" in error.value.stderr and "exit 7" in error.value.argv[-1]
+    assert error.value.returncode == 7 and "oops" in error.value.stderr and "exit 7" in error.value.script
+    assert "SCRIPT:\necho oops >&2; exit 7" in str(error.value)
 
 
 def test_file_helpers_round_trip(server, remote_dir, tmp_path):
