@@ -1108,6 +1108,17 @@ _SEVERITY = [
 ]
 
 
+def _outcome_json(job: Any) -> dict[str, Any]:
+    """The fields every --json job entry starts with: its id, state, whether it ended, and how."""
+    return {
+        "job_id": job.job_id,
+        "state": job.status.value,
+        "finished": job.status.is_finished,
+        "exit_code": job.exit_code,
+        "signal": job.signal,
+    }
+
+
 class JobInfo(
     collections.namedtuple(
         "JobInfo",
@@ -1122,11 +1133,7 @@ class JobInfo(
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "job_id": self.job_id,
-            "state": self.status.value,
-            "finished": self.status.is_finished,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
+            **_outcome_json(self),
             "reason": self.reason,
             "name": self.name,
             "node": self.node,
@@ -1770,11 +1777,7 @@ class JobUsage(
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "job_id": self.job_id,
-            "state": self.status.value,
-            "finished": self.status.is_finished,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
+            **_outcome_json(self),
             "elapsed_seconds": self.elapsed,
             "time_limit_seconds": self.time_limit,
             "time_used": self.time_use,
