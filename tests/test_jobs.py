@@ -1,6 +1,7 @@
 """Headless jobs against the real cluster: submission, states, waiting, the CLI and its exit codes."""
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -304,10 +305,19 @@ def test_more_waits_at_once_than_sshd_allows_sessions_all_see_the_job_end(profil
         assert final.status is JobStatus.COMPLETED
 
 
-def watchers_of(cluster, job_id: str) -> int:
-    """Processes on the server that watch for the job's exit record: one per wait that has a lasting session."""
-    found = cluster.ssh(f"pgrep -u {cluster.user} -f -- '[[]{job_id}[]]=.*/{job_id}[.]exit'", check=False).stdout
-    return len(found.split())
+def held_lasting_sessions(profile_name: str) -> int:
+    """Lasting-session slots of this test's connection held right now (a wait holds one for its watcher)."""
+    socket = sl_forgery.Server.from_profile(profile_name).connection.socket_path()
+    held = 0
+    for slot in range(sl_forgery.LASTING_SESSIONS):
+        descriptor = os.open(f"{socket}.session-{slot}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held += 1
+        finally:
+            os.close(descriptor)
+    return held
 
 
 def test_follow_says_so_when_every_lasting_session_is_taken(profile_name, cluster):
@@ -318,8 +328,8 @@ def test_follow_says_so_when_every_lasting_session_is_taken(profile_name, cluste
     ]
     try:
         deadline = time.monotonic() + 60
-        while watchers_of(cluster, job_id) < sl_forgery.LASTING_SESSIONS:
-            assert time.monotonic() < deadline, f"only {watchers_of(cluster, job_id)} waits have their watcher"
+        while held_lasting_sessions(profile_name) < sl_forgery.LASTING_SESSIONS:
+            assert time.monotonic() < deadline, f"only {held_lasting_sessions(profile_name)} waits have their watcher"
             time.sleep(0.2)
         followed = cli("logs", "--follow", job_id)
         assert followed.returncode == 1 and followed.stderr.count("\n") == 1
