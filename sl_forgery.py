@@ -3529,15 +3529,25 @@ class Server:
     def _homes_path(self) -> Path:
         return state_dir() / "homes.json"
 
-    def known_home(self) -> str | None:
-        """The remote home directory as remembered on this machine, without asking the server."""
+    def _remembered_homes(self) -> dict[str, Any]:
+        """The remote homes remembered on this machine, from a file that must be this user's own (a file another
+        user planted, or reached through a link, is not trusted: it would decide where jobs run)."""
         import json
 
         try:
-            home = json.loads(_read_state_file(self._homes_path(), "the cache of home directories") or "{}")
-            home = home.get(self.destination) if isinstance(home, dict) else None
-        except ValueError:
-            return None
+            descriptor = _open_own_file(self._homes_path(), os.O_RDONLY)
+        except (OSError, ConfigError):
+            return {}
+        with os.fdopen(descriptor, "rb") as handle:
+            try:
+                homes = json.loads(handle.read().decode("utf-8", errors="replace"))
+            except ValueError:
+                return {}
+        return homes if isinstance(homes, dict) else {}
+
+    def known_home(self) -> str | None:
+        """The remote home directory as remembered on this machine, without asking the server."""
+        home = self._remembered_homes().get(self.destination)
         return home if isinstance(home, str) and home.startswith("/") else None
 
     def remote_home(self) -> str:
@@ -3549,12 +3559,8 @@ class Server:
             home = self.run('printf %s "$HOME"', what="reading $HOME").stdout
             if not home.startswith("/"):
                 raise SSHError(["printf", "$HOME"], 0, home, "the server did not report an absolute home directory")
-            try:
-                homes = json.loads(_read_state_file(self._homes_path(), "the cache of home directories") or "{}")
-            except ValueError:
-                homes = {}
-            homes = homes if isinstance(homes, dict) else {}
-            homes[self.destination] = home
+            homes = {**self._remembered_homes(), self.destination: home}
+            _private_dir(state_dir())
             write_private_file(self._homes_path(), json.dumps(homes))
         return home
 
