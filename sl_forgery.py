@@ -80,6 +80,16 @@ JOBS_ROOT_NAME = "sl-forgery-jobs"  # default parent of job working directories 
 SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, at first...
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
+SCHEDULER_CALL_TIMEOUT = 30  # seconds one squeue or sacct may take before it counts as no answer
+SCHEDULER_GRACE = 300.0  # seconds a wait rides out a controller that does not answer before it fails
+# What squeue prints when the controller is overloaded or restarting, rather than when the request is wrong.
+SCHEDULER_BUSY_MARKERS = (
+    "Socket timed out",
+    "Unable to contact slurm controller",
+    "Connection refused",
+    "Zero Bytes were transmitted or received",
+    "Transport endpoint is not connected",
+)
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
 REPORT_SETTLE = 15.0  # seconds a report after a job's end may wait for sacct to record the end of every step
 LOG_SETTLE_SECONDS = 1.0  # after a job ends, what it wrote last reaches a followed log within this
@@ -102,6 +112,8 @@ EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 EXIT_SSH = 255
 EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
+EXIT_SCHEDULER_UNREACHABLE = 75  # sysexits' EX_TEMPFAIL: try again later
+EXIT_CANNOT_START = 78  # sysexits' EX_CONFIG: the job asks for what the cluster never gives
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -109,6 +121,8 @@ exit codes:
   1    a job ended badly (CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...) or another error
   2    usage or configuration error
   N    wait/run --wait: the exit code of a FAILED job
+  75   wait: the scheduler did not answer for 5 minutes (the jobs may still run)
+  78   wait: a job can never start as submitted (SLURM's reason is shown)
   124  --timeout reached
   130  interrupted (Ctrl-C); the job keeps running
   141  the reader of the output went away (a pipe into head)
@@ -253,6 +267,22 @@ class SessionsBusy(SlForgeryError):
 
 class SlurmError(CommandError):
     """A SLURM command (sbatch, squeue, sacct, scancel) refused or failed."""
+
+
+class SchedulerBusy(SlurmError):
+    """The controller did not answer in time (``Socket timed out``, a hung command): ask again later."""
+
+
+class SchedulerUnreachable(SlForgeryError):
+    """`wait` heard nothing from the scheduler for SCHEDULER_GRACE seconds; the jobs may still be running."""
+
+    exit_code = EXIT_SCHEDULER_UNREACHABLE
+
+
+class JobCannotStart(SlForgeryError):
+    """A job waited for is pending for a reason that never clears by itself (see NEVER_START_REASONS)."""
+
+    exit_code = EXIT_CANNOT_START
 
 
 # ======================================================================================================================
@@ -591,6 +621,8 @@ class Job:
             raise UsageError(f"env_manager {self.env_manager!r} needs an environment to activate (conda_environment)")
         self.commands: list[str] = []
         self.job_id: str | None = None
+        # Ties the job's exit record to this submission (see `render_exit_record`).
+        self.submission_nonce = os.urandom(6).hex()
 
     def add_command(self, command: str) -> None:
         """Append one shell line, verbatim, to the commands the job runs."""
@@ -618,8 +650,17 @@ def render_sbatch_header(job: Job) -> list[str]:
     return lines
 
 
-def render_exit_record() -> list[str]:
-    """Shell lines that make a job write its exit code into ``.sl-forgery/ID.exit`` under the directory it starts in.
+# Signals that end a batch shell (scancel, a time limit and preemption send TERM), as Linux numbers them. A shell
+# runs its EXIT trap with $? = 0 when one of them arrives while a command runs, so each gets a trap of its own that
+# records the signal instead: a killed job never reads as a success.
+RECORDED_SIGNALS = (("HUP", 1), ("INT", 2), ("USR1", 10), ("USR2", 12), ("TERM", 15))
+
+
+def render_exit_record(nonce: str = "") -> list[str]:
+    """Shell lines that make a job write how it ended into ``.sl-forgery/ID.exit`` under the directory it starts
+    in: ``exit RC ID NONCE``, or ``signal N ID NONCE`` when a signal ended it. ``ID`` and the submission's
+    ``nonce`` tie the record to this job, so that a reused directory (or a job id the controller hands out again)
+    cannot pass an old record off as a new job's.
 
     ``wait`` notices the end of a job from this file within a second, and statuses stay right on clusters without
     accounting. POSIX sh, so that it also fits a user's own ``#!/bin/sh`` script.
@@ -627,8 +668,14 @@ def render_exit_record() -> list[str]:
     job_ref = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
     return [
         f'__slf_record="$PWD/{REMOTE_RECORD_DIR}/{job_ref}.exit"',
-        'trap \'__slf_rc=$?; mkdir -p "${__slf_record%/*}" && printf "%s\\n" "$__slf_rc" '
-        '> "$__slf_record.tmp" && mv -f "$__slf_record.tmp" "$__slf_record"; exit $__slf_rc\' EXIT',
+        '__slf_end() { mkdir -p "${__slf_record%/*}" && '
+        f'printf "%s %s %s %s\\n" "$1" "$2" "{job_ref}" {shlex.quote(nonce or "-")} > "$__slf_record.tmp" && '
+        'mv -f "$__slf_record.tmp" "$__slf_record"; }',
+        "trap '__slf_rc=$?; __slf_end exit $__slf_rc; exit $__slf_rc' EXIT",
+        *(
+            f"trap '__slf_end signal {number}; trap - EXIT; exit {128 + number}' {name}"
+            for name, number in RECORDED_SIGNALS
+        ),
     ]
 
 
@@ -807,7 +854,7 @@ def render_activation(environment: str, env_manager: str | None = None) -> list[
 
 def render_job_script(job: Job) -> str:
     """The bash script of a job: header, exit record, variables, set-up, activation, then the commands."""
-    lines = ["#!/bin/bash", *render_sbatch_header(job), "", *render_exit_record(), "set -e"]
+    lines = ["#!/bin/bash", *render_sbatch_header(job), "", *render_exit_record(job.submission_nonce), "set -e"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in job.environment.items()]
     lines += render_setup(job.setup)
     if job.conda_environment is not None:
@@ -953,14 +1000,14 @@ def parse_jupyter_runtime(text: str) -> tuple[str, int, str]:
     raise JupyterError("Jupyter's runtime file on the node is not one Jupyter wrote (no hostname, port and token)")
 
 
-def inject_exit_record(script: str) -> str:
+def inject_exit_record(script: str, nonce: str = "") -> str:
     """Add the exit record to a user's own shell script, after its ``#SBATCH`` block (sbatch stops reading
     directives at the first command). Scripts that are not sh or bash are returned unchanged.
 
     >>> inject_exit_record("#!/usr/bin/env python3\\nprint(1)\\n")
     '#!/usr/bin/env python3\\nprint(1)\\n'
     """
-    return _insert_after_directives(script, render_exit_record()) or script
+    return _insert_after_directives(script, render_exit_record(nonce)) or script
 
 
 def parse_sbatch_id(stdout: str) -> str:
@@ -1113,7 +1160,7 @@ def _outcome_json(job: Any) -> dict[str, Any]:
     return {
         "job_id": job.job_id,
         "state": job.status.value,
-        "finished": job.status.is_finished,
+        "finished": getattr(job, "ended", job.status.is_finished),
         "exit_code": job.exit_code,
         "signal": job.signal,
     }
@@ -1131,6 +1178,12 @@ class JobInfo(
 
     __slots__ = ()
 
+    @property
+    def ended(self) -> bool:
+        """The job will not run again by itself: a final state, or an exit record that says a signal ended it
+        (state UNKNOWN: a cancellation, a time limit and a preemption all send the same signal)."""
+        return self.status.is_finished or (self.source == "record" and self.signal is not None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             **_outcome_json(self),
@@ -1139,6 +1192,36 @@ class JobInfo(
             "node": self.node,
             "time_left": self.time_left,
         }
+
+
+# Reasons for which a pending job never starts unless it or the cluster's configuration is changed, with what to
+# change. Reasons that clear by themselves (Resources, Priority, ReqNodeNotAvail for a node that is down, limits
+# on how many jobs run at once such as AssocMaxJobsLimit or QOSMaxJobsPerUserLimit) are waited out.
+NEVER_START_REASONS = {
+    "PartitionConfig": "it asks for more CPUs, memory or nodes than its partition's nodes have: ask for less",
+    "PartitionTimeLimit": "its --time is over the partition's MaxTime: ask for less time or another partition",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows: ask for fewer",
+    "BadConstraints": "no node matches its constraints (--constraint, --gres, --mem): change them",
+    "DependencyNeverSatisfied": "a job it depends on ended in a way its dependency rules out",
+    "InvalidAccount": "its account does not exist or is not yours: pass another --account",
+    "InvalidQOS": "its QOS does not exist or is not allowed to you: pass another --qos",
+    "AssocMaxWallDurationPerJobLimit": "its --time is over your association's limit per job: ask for less",
+    "QOSMaxWallDurationPerJobLimit": "its --time is over its QOS's limit per job: ask for less or another --qos",
+    "AssocMaxCpuPerJobLimit": "it asks for more CPUs than your association allows per job: ask for fewer",
+    "QOSMaxCpuPerJobLimit": "it asks for more CPUs than its QOS allows per job: ask for fewer",
+    "AssocMaxNodePerJobLimit": "it asks for more nodes than your association allows per job: ask for fewer",
+    "QOSMaxNodePerJobLimit": "it asks for more nodes than its QOS allows per job: ask for fewer",
+    "QOSMaxMemoryPerJob": "it asks for more memory than its QOS allows per job: ask for less",
+}
+
+
+def never_starts(info: JobInfo) -> bool:
+    """The job is pending for a reason in NEVER_START_REASONS.
+
+    >>> never_starts(JobInfo("1", JobStatus.PENDING, reason="PartitionConfig"))
+    True
+    """
+    return info.status is JobStatus.PENDING and info.reason.split(",")[0].strip() in NEVER_START_REASONS
 
 
 def parse_exit_code(text: str) -> tuple[int | None, int | None]:
@@ -1170,14 +1253,27 @@ def _split_rows(stdout: str, fields: int) -> Iterable[list[str]]:
 
 
 def parse_squeue(stdout: str) -> dict[str, JobInfo]:
-    """Rows of ``squeue -h -o '%i|%T|%r|%j|%N|%L'``, keyed by job id (``123`` or ``123_4``)."""
+    """Rows of ``squeue -h -o '%i|%T|%r|%j|%N|%L'``, keyed by job id (``123``, an array task ``123_4``, a
+    heterogeneous job's component ``200+1``); the one row of an array's pending tasks (``123_[5-9%2]``) becomes a
+    row per task.
+
+    >>> sorted(parse_squeue("7_[2-3]|PENDING|JobHeldUser|a||UNLIMITED"))
+    ['7_2', '7_3']
+    """
     result = {}
     for job_id, state, reason, name, node, left in _split_rows(stdout, 6):
         reason = "" if reason == "None" else reason
         left = "" if left in ("INVALID", "NOT_SET", "UNLIMITED") else left
-        result[job_id] = JobInfo(
+        info = JobInfo(
             job_id, JobStatus.parse(state), reason=reason, name=name, node=node, source="squeue", time_left=left
         )
+        pending_tasks = re.fullmatch(r"([0-9]+)_\[([0-9,:%-]+)\]", job_id)
+        if pending_tasks:
+            base, spec = pending_tasks.groups()
+            for task in expand_array_spec(spec):
+                result[f"{base}_{task}"] = info._replace(job_id=f"{base}_{task}")
+        else:
+            result[job_id] = info
     return result
 
 
@@ -1193,25 +1289,60 @@ def parse_sacct(stdout: str) -> dict[str, JobInfo]:
     return result
 
 
-def parse_exit_records(stdout: str) -> dict[str, int]:
-    """Lines ``ID RC`` printed by the status query and the watcher for jobs whose exit record exists."""
+class ExitRecord(collections.namedtuple("ExitRecord", "exit_code signal job_id nonce")):
+    """What a job's exit record says (see `render_exit_record`): its exit code, or the ``signal`` that ended it
+    (``exit_code`` None), and the job id and submission nonce it was written for."""
+
+    __slots__ = ()
+
+    def info(self, job_id: str) -> JobInfo:
+        """The job's state as the record alone tells it, for when no scheduler command knows the job any more."""
+        if self.signal is not None:
+            reason = f"ended by signal {self.signal} (cancelled, out of time or preempted: only the scheduler knew)"
+            return JobInfo(job_id, JobStatus.UNKNOWN, None, self.signal, reason, source="record")
+        status = JobStatus.COMPLETED if self.exit_code == 0 else JobStatus.FAILED
+        return JobInfo(job_id, status, self.exit_code, 0, source="record")
+
+
+def parse_exit_records(stdout: str, nonces: Mapping[str, str] | None = None) -> dict[str, ExitRecord]:
+    """Lines ``ID exit RC ID NONCE`` (or ``ID signal N ID NONCE``) printed by the status query and the watcher for
+    jobs whose exit record exists. With ``nonces`` (id -> the nonce of its submission from here), a record not
+    written by that very submission is left out: it belongs to an older job that ran in the same directory.
+
+    >>> parse_exit_records("4 signal 15 4 ab\\n5 exit 3 5 cd\\n", {"4": "ab", "5": "old"})
+    {'4': ExitRecord(exit_code=None, signal=15, job_id='4', nonce='ab')}
+    """
     records = {}
     for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            records[parts[0]] = int(parts[1])
+        match = re.fullmatch(r"(\S+) (exit|signal) ([0-9]+) (\S+) (\S+)", line.strip())
+        if not match:
+            continue  # a record cut short, or one from a version that could not tell a kill from a success
+        job_id, kind, number, written_for, nonce = match.groups()
+        if written_for != job_id or (nonces is not None and nonces.get(job_id) != nonce):
+            continue
+        code, signal = (int(number), None) if kind == "exit" else (None, int(number))
+        records[job_id] = ExitRecord(code, signal, written_for, nonce)
     return records
 
 
 def _task_ids(job_id: str, *sources: Mapping[str, JobInfo]) -> list[str]:
-    """The rows that belong to a requested id: itself, or the tasks ``ID_N`` of an array."""
+    """The rows that belong to a requested id: itself, the tasks ``ID_N`` of an array, or the components
+    ``ID+N`` of a heterogeneous job."""
     if any(job_id in rows for rows in sources):
         return [job_id]
-    return sorted({key for rows in sources for key in rows if key.startswith(job_id + "_")})
+    prefixes = (job_id + "_", job_id + "+")
+    return sorted({key for rows in sources for key in rows if key.startswith(prefixes)})
+
+
+_ENDING_STATES = frozenset({JobStatus.COMPLETING, JobStatus.STAGE_OUT})  # the job's processes have ended
 
 
 def _pick(queue_info: JobInfo | None, account_info: JobInfo | None) -> JobInfo | None:
-    """squeue is the authority while a job lives; a finished state from sacct wins (it lags the end by seconds)."""
+    """squeue's live state wins: a job it shows waiting or running will run (again), whatever sacct says of an
+    earlier run (a requeued job). An end comes from sacct when it has one (with the exit code), also while squeue
+    still shows the job COMPLETING (its processes are gone; the epilog runs), else from squeue."""
+    if queue_info and not queue_info.status.is_finished and queue_info.status not in _ENDING_STATES:
+        return queue_info
     if account_info and account_info.status.is_finished:
         return account_info
     return queue_info or account_info
@@ -1234,43 +1365,56 @@ def merge_job_info(
     job_ids: Sequence[str],
     squeue_rows: Mapping[str, JobInfo],
     sacct_rows: Mapping[str, JobInfo] | None,
-    exit_records: Mapping[str, int],
+    exit_records: Mapping[str, ExitRecord],
     recent_ids: frozenset[str] = frozenset(),
+    tasks: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, JobInfo]:
     """Decide each job's state from what squeue, sacct (None when accounting is unavailable) and the exit records
-    say. An array reads as the combination of its tasks; the exit record supplies a missing exit code, or the
-    whole answer when neither command knows the job any more."""
+    (only those written by the job itself: see `parse_exit_records`) say. An array or a heterogeneous job reads as
+    the combination of its parts; the exit record supplies a missing exit code, or the whole answer when neither
+    command knows the job any more: for an array (``tasks``: its task ids) once every task wrote one. A job nobody
+    knows is UNKNOWN, never COMPLETED (PENDING when just submitted: the scheduler may not show it yet)."""
     sacct_rows = sacct_rows or {}
+    tasks = tasks or {}
     result = {}
     for job_id in job_ids:
-        tasks = [
+        rows = [
             info
             for task_id in _task_ids(job_id, squeue_rows, sacct_rows)
             if (info := _pick(squeue_rows.get(task_id), sacct_rows.get(task_id))) is not None
         ]
         record = exit_records.get(job_id)
-        if tasks:
-            info = _combine_tasks(job_id, tasks)
+        task_records = [exit_records.get(task_id) for task_id in tasks.get(job_id, ())]
+        if rows:
+            info = _combine_tasks(job_id, rows)
         elif record is not None:
-            info = JobInfo(job_id, JobStatus.COMPLETED if record == 0 else JobStatus.FAILED, record, 0, source="record")
+            info = record.info(job_id)
+        elif task_records and all(task_records):
+            info = _combine_tasks(job_id, [r.info(job_id) for r in task_records if r])._replace(source="record")
         else:
             info = JobInfo(job_id, JobStatus.PENDING if job_id in recent_ids else JobStatus.UNKNOWN, source="none")
-        if info.exit_code is None and record is not None and info.status.is_finished:
-            info = info._replace(exit_code=record)
+        if info.exit_code is None and record is not None and record.exit_code is not None and info.status.is_finished:
+            info = info._replace(exit_code=record.exit_code)
         result[job_id] = info
     return result
 
 
 def normalize_job_id(job_id: object) -> str:
-    """A job id as SLURM prints it: ``123`` or an array task ``123_4``.
+    """A job id as SLURM prints it: ``123``, an array task ``123_4`` or a heterogeneous job's component ``123+1``;
+    leading zeros are dropped, as SLURM reads the number.
 
-    >>> normalize_job_id(42)
-    '42'
+    >>> normalize_job_id(42), normalize_job_id(" 0012 "), normalize_job_id("200+01")
+    ('42', '12', '200+1')
     """
     text = str(job_id).strip()
-    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", text):
-        raise UsageError(f"{job_id!r} is not a SLURM job id (expected a number such as 1234, or 1234_5)")
-    return text
+    match = re.fullmatch(r"([0-9]+)(?:([_+])([0-9]+))?", text)
+    if not match:
+        raise UsageError(
+            f"{job_id!r} is not a SLURM job id (expected a number such as 1234, an array task 1234_5 or a "
+            "heterogeneous job's component 1234+1)"
+        )
+    base, separator, part = match.groups()
+    return f"{int(base)}{separator}{int(part)}" if separator else str(int(base))
 
 
 def expand_log_pattern(path: str, job_id: str, job_name: str = "", user: str = "") -> str:
@@ -1332,10 +1476,13 @@ def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]
 
     Sections are separated by lines ``@@ RC`` carrying the exit code of the command before them.
     """
-    ids = ",".join(sorted({job_id.split("_")[0] for job_id in job_ids}))
+    ids = ",".join(sorted({re.split(r"[_+]", job_id)[0] for job_id in job_ids}))
+    # A controller too busy to answer, or an accounting database that never does, must not hang a wait: each
+    # scheduler command gets SCHEDULER_CALL_TIMEOUT seconds (exit 124 after it).
+    limit = f"timeout {SCHEDULER_CALL_TIMEOUT:g}"
     lines = [
-        f'squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo "@@ $?"',
-        f'sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"',
+        f'{limit} squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo "@@ $?"',
+        f'{limit} sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"',
     ]
     for job_id, path in record_paths.items():
         quoted = shlex.quote(path)
@@ -1351,17 +1498,24 @@ def parse_status_query(stdout: str) -> tuple[str, int, str, int, str]:
     return sections[0], int(sections[1]), sections[2], int(sections[3]), sections[4]
 
 
-def watcher_command(record_paths: Mapping[str, str]) -> str:
-    """A remote POSIX sh loop that prints ``ID RC`` as each exit record appears: cheap tests of files on the
-    server, no scheduler query. A ``.`` heartbeat lets it die of SIGPIPE soon after its client goes away."""
-    start, body = shell_here_document("".join(f"{job_id} {path}\n" for job_id, path in record_paths.items()))
+def watcher_command(record_paths: Mapping[str, str], nonces: Mapping[str, str] | None = None) -> str:
+    """A remote POSIX sh loop that prints ``ID RECORD`` as each exit record appears: cheap tests of files on the
+    server, no scheduler query. With ``nonces``, only a record written by that submission counts (an older job's
+    record in the same directory is passed over until the new one replaces it). A ``.`` heartbeat lets it die of
+    SIGPIPE soon after its client goes away."""
+    nonces = nonces or {}
+    start, body = shell_here_document(
+        "".join(f"{job_id} {nonces.get(job_id) or '*'} {path}\n" for job_id, path in record_paths.items())
+    )
     return (
         "seen=' '; beat=0\n"
         "while :; do\n"
         "  left=0\n"
-        "  while read -r id path; do\n"
+        "  while read -r id nonce path; do\n"
         '    case $seen in *" $id "*) continue ;; esac\n'
-        '    if [ -f "$path" ]; then printf \'%s %s\\n\' "$id" "$(cat "$path")"; seen="$seen$id "; else left=1; fi\n'
+        '    if [ -f "$path" ] && record=$(cat "$path") && case $record in *" "$nonce) true ;; *) false ;; esac; then\n'
+        '      printf \'%s %s\\n\' "$id" "$record"; seen="$seen$id "\n'
+        "    else left=1; fi\n"
         f"  done {start}\n{body}"
         '  [ "$left" = 0 ] && break\n'
         f"  sleep 0.5; beat=$((beat + 1)); if [ $beat -ge {WATCHER_HEARTBEAT * 2} ]; then echo .; beat=0; fi\n"
@@ -1420,11 +1574,11 @@ class WaitProgress:
         self.deadline = None if timeout is None else schedule.next_query + timeout
         self.last: dict[str, JobInfo] = {}
         self.recorded: set[str] = set()
+        self.silent_since: float | None = None  # when the scheduler stopped answering, while it does not
+        self.busy_pause = 0.0
 
     def unfinished(self) -> list[str]:
-        return [
-            job_id for job_id in self.job_ids if job_id not in self.last or not self.last[job_id].status.is_finished
-        ]
+        return [job_id for job_id in self.job_ids if job_id not in self.last or not self.last[job_id].ended]
 
     def done(self) -> bool:
         return not self.unfinished()
@@ -1441,7 +1595,27 @@ class WaitProgress:
         ]
         self.last.update(infos)
         self.schedule.asked(now)
+        self.silent_since = None
         return changed
+
+    def scheduler_silent(self, problem: SchedulerBusy, now: float, grace: float = SCHEDULER_GRACE) -> None:
+        """The scheduler did not answer: ask again after a pause that doubles (2 s to 30 s), and give up with
+        `SchedulerUnreachable` once it has been silent for ``grace`` seconds."""
+        if self.silent_since is None:
+            self.silent_since, self.busy_pause = now, 2.0
+        if now - self.silent_since >= grace:
+            raise SchedulerUnreachable(
+                f"the scheduler did not answer for {now - self.silent_since:.0f} s ({problem.summary}); the jobs "
+                "may still be running: wait for them again later"
+            )
+        self.schedule.next_query = now + self.busy_pause
+        self.busy_pause = min(self.busy_pause * 2, 30.0)
+
+    def never_starting(self) -> list[JobInfo]:
+        """The jobs waited for that are pending for a reason that never clears by itself."""
+        return [
+            self.last[job_id] for job_id in self.unfinished() if job_id in self.last and never_starts(self.last[job_id])
+        ]
 
     def check_known(self, server: str) -> None:
         """Raise `UnknownJobError` for jobs neither squeue, sacct nor a record knows: waiting would never end."""
@@ -1465,7 +1639,7 @@ class WaitProgress:
         until = self.schedule.next_query if self.deadline is None else min(self.schedule.next_query, self.deadline)
         return max(until - now, 0.0)
 
-    def records_arrived(self, records: Mapping[str, int], now: float) -> None:
+    def records_arrived(self, records: Mapping[str, ExitRecord], now: float) -> None:
         self.recorded |= set(records)
         if any(job_id in self.tasks and self.tasks[job_id] <= self.recorded for job_id in self.unfinished()):
             self.schedule.record_arrived(now)
@@ -1474,12 +1648,13 @@ class WaitProgress:
 class JobRecord(
     collections.namedtuple(
         "JobRecord",
-        "job_id server name working_directory output_log error_log submitted user array",
-        defaults=("", ""),
+        "job_id server name working_directory output_log error_log submitted user array nonce",
+        defaults=("", "", ""),
     )
 ):
     """What this machine remembers of a submitted job, so that later commands know it without the terminal;
-    ``array`` is the job's array spec, if it is one."""
+    ``array`` is the job's array spec, if it is one; ``nonce`` the one its exit record carries (none: no record
+    is trusted)."""
 
     __slots__ = ()
 
@@ -1521,13 +1696,15 @@ def plan_submission(
     array: str | None = None,
     server: str = "",
     user: str = "",
+    nonce: str = "",
 ) -> SubmissionPlan:
     """The plan for a script: written under ``working_directory``'s record folder, its log directories made too
-    (a directory with a ``%`` pattern has none to make), submitted with ``sbatch --parsable [ARGS] SCRIPT``."""
+    (a directory with a ``%`` pattern has none to make), submitted with ``sbatch --parsable [ARGS] SCRIPT``;
+    ``nonce`` is the one the script's exit record carries."""
     script_path = str(PurePosixPath(working_directory, REMOTE_RECORD_DIR, f"{unique_leaf(name)}.sh"))
     parents = [str(PurePosixPath(path).parent) for path in (output_log, error_log)]
     directories = sorted({str(PurePosixPath(script_path).parent), *(p for p in parents if "%" not in p)})
-    record = JobRecord("", server, name, working_directory, output_log, error_log, 0.0, user, array or "")
+    record = JobRecord("", server, name, working_directory, output_log, error_log, 0.0, user, array or "", nonce)
     argv = ("sbatch", "--parsable", *sbatch_args, script_path)
     return SubmissionPlan(script, script_path, tuple(directories), argv, record)
 
@@ -1543,6 +1720,7 @@ def plan_job(job: Job, server: str = "", user: str = "") -> SubmissionPlan:
         array=job.array,
         server=server,
         user=user,
+        nonce=job.submission_nonce,
     )
 
 
@@ -1587,8 +1765,10 @@ def plan_script(
     args += sbatch_args
     output = given.get("output") or own.get("output") or "slurm-%j.out"
     error = given.get("error") or own.get("error") or output
+    nonce = os.urandom(6).hex()
+    with_record = inject_exit_record(script, nonce)
     return plan_submission(
-        inject_exit_record(script),
+        with_record,
         name=name,
         working_directory=working_directory,
         output_log=str(PurePosixPath(working_directory, output)),
@@ -1597,6 +1777,7 @@ def plan_script(
         array=given.get("array") or own.get("array"),
         server=server,
         user=user,
+        nonce=nonce if with_record != script else "",
     )
 
 
@@ -3413,6 +3594,7 @@ class Server:
         self.config = config  # the servers file the profile came from, saved when the profile changes
         self.connection = SSHConnection(profile, timeout=timeout, verbose=verbose)
         self.scheduler_queries = 0
+        self.scheduler_failures = 0  # scheduler queries that found the controller too busy to answer
         self._final: dict[str, JobInfo] = {}
         self._live: dict[str, JobInfo] = {}
 
@@ -3649,12 +3831,23 @@ class Server:
 
     # -- status -----------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _record_nonces(job_ids: Sequence[str], records: Mapping[str, JobRecord]) -> dict[str, str]:
+        """The nonce each exit record of the jobs submitted from here must carry (each task's, for an array); jobs
+        whose records carry none (submitted by an older version) are left out: their records are not trusted."""
+        return {
+            task_id: records[job_id].nonce
+            for job_id in job_ids
+            if job_id in records and records[job_id].nonce
+            for task_id in records[job_id].task_ids
+        }
+
     def _record_paths(self, job_ids: Sequence[str], records: Mapping[str, JobRecord]) -> dict[str, str]:
         """Where the jobs submitted from here (each task, for an array) write their exit records."""
         return {
             task_id: exit_record_path(records[job_id].working_directory, task_id)
             for job_id in job_ids
-            if job_id in records
+            if job_id in records and records[job_id].nonce
             for task_id in records[job_id].task_ids
         }
 
@@ -3669,20 +3862,23 @@ class Server:
             self.scheduler_queries += 1
             squeue_out, squeue_rc, sacct_out, sacct_rc, records_out = parse_status_query(result.stdout)
             if squeue_rc != 0 and "Invalid job id" not in squeue_out:
-                raise SlurmError(["squeue"], squeue_rc, "", squeue_out, what="squeue")
+                busy = squeue_rc == 124 or any(marker in squeue_out for marker in SCHEDULER_BUSY_MARKERS)
+                raise (SchedulerBusy if busy else SlurmError)(["squeue"], squeue_rc, "", squeue_out, what="squeue")
             squeue_rows = parse_squeue(squeue_out) if squeue_rc == 0 else {}
             sacct_rows = parse_sacct(sacct_out) if sacct_rc == 0 else None
             fresh_since = time.time() - RECENT_SUBMISSION_GRACE
             recent = frozenset(
                 job_id for job_id in wanted if job_id in records and records[job_id].submitted > fresh_since
             )
-            exit_records = parse_exit_records(records_out)
-            for job_id, info in merge_job_info(wanted, squeue_rows, sacct_rows, exit_records, recent).items():
+            exit_records = parse_exit_records(records_out, self._record_nonces(wanted, records))
+            tasks = {job_id: records[job_id].task_ids for job_id in wanted if job_id in records}
+            merged = merge_job_info(wanted, squeue_rows, sacct_rows, exit_records, recent, tasks)
+            for job_id, info in merged.items():
                 if job_id in records and info.name in ("", "allocation"):
                     # Just after a job ends, sacct may name it "allocation"; the name it was given is known here.
                     info = info._replace(name=records[job_id].name)
                 # squeue alone may show a final state before its exit code is known: keep asking until it is.
-                if info.status.is_finished and (info.source != "squeue" or info.exit_code is not None):
+                if info.ended and (info.source != "squeue" or info.exit_code is not None):
                     self._final[job_id] = info
                 self._live[job_id] = info
         return {job_id: self._final.get(job_id) or self._live[job_id] for job_id in ids}
@@ -3708,29 +3904,56 @@ class Server:
         on_change: Callable[[JobInfo], None] | None = None,
         poll_first: float = SCHEDULER_POLL_FIRST,
         poll_max: float = SCHEDULER_POLL_MAX,
+        cancel_impossible: bool = False,
     ) -> dict[str, JobInfo]:
         """Block until every job has ended; returns their final `JobInfo`.
 
         The end of a job is noticed from its exit record by one remote watcher (no scheduler query); the scheduler
         is asked, for all jobs at once, when `WaitSchedule` says so, for ends no record shows (cancelled while
-        pending, node failure) and to confirm each final state.
+        pending, node failure) and to confirm each final state. A scheduler that does not answer is asked again
+        for SCHEDULER_GRACE seconds before `SchedulerUnreachable`; a job that can never start (`never_starts`)
+        raises `JobCannotStart`, after cancelling it when ``cancel_impossible``.
         """
         ids = _job_ids(job_ids)
         records = load_job_records(self.profile.name)
         record_paths = self._record_paths(ids, records)
+        nonces = self._record_nonces(ids, records)
         tasks = {job_id: frozenset(records[job_id].task_ids) for job_id in ids if job_id in records}
         progress = WaitProgress(ids, tasks, WaitSchedule(time.monotonic(), poll_first, poll_max), timeout)
         with contextlib.ExitStack() as stack:
             watcher = None
             if record_paths:
                 try:
-                    watcher = stack.enter_context(self.connection.lasting(watcher_command(record_paths)))
+                    watcher = stack.enter_context(self.connection.lasting(watcher_command(record_paths, nonces)))
                 except SessionsBusy:
                     pass  # without a lasting session to spare, the scheduler alone tells when the jobs end
-            return self._wait_loop(progress, watcher, on_change)
+            return self._wait_loop(progress, watcher, on_change, nonces, cancel_impossible)
+
+    def _stop_never_starting(self, progress: WaitProgress, cancel: bool) -> None:
+        """Raise `JobCannotStart` for jobs pending for a reason that never clears, cancelling them if asked."""
+        stuck = progress.never_starting()
+        if not stuck:
+            return
+        ids = [info.job_id for info in stuck]
+        if cancel:
+            self.cancel(ids)
+        reasons = "; ".join(
+            f"{info.job_id} ({info.reason}): {NEVER_START_REASONS[info.reason.split(',')[0].strip()]}" for info in stuck
+        )
+        outcome = (
+            "it was cancelled (--cancel-impossible)"
+            if cancel
+            else f"it stays pending: 'sl-forgery cancel {' '.join(ids)}' removes it"
+        )
+        raise JobCannotStart(f"{'jobs' if len(ids) > 1 else 'job'} can never start as submitted, {reasons}; {outcome}")
 
     def _wait_loop(
-        self, progress: WaitProgress, watcher: subprocess.Popen | None, on_change: Callable[[JobInfo], None] | None
+        self,
+        progress: WaitProgress,
+        watcher: subprocess.Popen | None,
+        on_change: Callable[[JobInfo], None] | None,
+        nonces: Mapping[str, str] | None = None,
+        cancel_impossible: bool = False,
     ) -> dict[str, JobInfo]:
         """The I/O half of `wait`: ask the scheduler when the schedule says, read the watcher in between."""
         import select
@@ -3739,13 +3962,21 @@ class Server:
         while True:
             now = time.monotonic()
             if progress.schedule.due(now):
-                changed = progress.update(self.job_info(progress.unfinished()), time.monotonic())
-                for info in changed:
-                    if on_change:
-                        on_change(info)
-                if progress.done():
-                    return progress.result()
-                progress.check_known(self.profile.name)
+                try:
+                    infos = self.job_info(progress.unfinished())
+                except SchedulerBusy as busy:
+                    self.scheduler_failures += 1
+                    progress.scheduler_silent(busy, time.monotonic())
+                    infos = None
+                if infos is not None:
+                    changed = progress.update(infos, time.monotonic())
+                    for info in changed:
+                        if on_change:
+                            on_change(info)
+                    if progress.done():
+                        return progress.result()
+                    progress.check_known(self.profile.name)
+                    self._stop_never_starting(progress, cancel_impossible)
             progress.check_deadline(time.monotonic())
             pause = progress.pause(time.monotonic())
             if watcher is None:
@@ -3759,7 +3990,7 @@ class Server:
                 watcher = None
                 continue
             *lines, buffer = (buffer + chunk).split("\n")
-            progress.records_arrived(parse_exit_records("\n".join(lines)), time.monotonic())
+            progress.records_arrived(parse_exit_records("\n".join(lines), nonces), time.monotonic())
 
     # -- control ----------------------------------------------------------------------------------------------------
 
@@ -4490,7 +4721,12 @@ def _check_end_flags(args: Any) -> None:
     """--notify, --on-end and --report act when waited-for jobs end: on run and submit they need --wait."""
     if getattr(args, "wait", True):
         return
-    for flag, value in (("--notify", args.notify), ("--on-end", args.on_end), ("--report", args.report)):
+    for flag, value in (
+        ("--notify", args.notify),
+        ("--on-end", args.on_end),
+        ("--report", args.report),
+        ("--cancel-impossible", args.cancel_impossible),
+    ):
         if value:
             raise UsageError(f"{flag} acts when the job ends: add --wait")
 
@@ -4536,7 +4772,12 @@ def _wait_and_report(
 ) -> int:
     progress = Progress(quiet=args.quiet)
     try:
-        infos = server.wait(job_ids, timeout=getattr(args, "timeout", None), on_change=progress)
+        infos = server.wait(
+            job_ids,
+            timeout=getattr(args, "timeout", None),
+            on_change=progress,
+            cancel_impossible=args.cancel_impossible,
+        )
     except KeyboardInterrupt:
         print(f"\n{APP_NAME}: interrupted; the job(s) keep running: {' '.join(job_ids)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -5344,6 +5585,11 @@ def get_parser() -> Any:
         "--on-end", metavar="CMD", help="run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE"
     )
     group.add_argument("--report", action="store_true", help="print what each job used of what it asked for")
+    group.add_argument(
+        "--cancel-impossible",
+        action="store_true",
+        help="cancel a job that can never start as submitted (exit 78 either way)",
+    )
 
     sub = command("submit", cmd_submit, "submit a local batch script; prints the job id", end_options)
     sub.add_argument("script", metavar="SCRIPT").complete = _COMPLETE_FILE  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -s q -l quiet -d 
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l notify -l no-notify -d 'a desktop notification here (default: the profile\'s notify setting)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l report -d 'print what each job used of what it asked for'
+complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l cancel-impossible -d 'cancel a job that can never start as submitted (exit 78 either way)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -F
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l name -x -d 'job name'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l workdir -x -d 'working directory on the server (created if missing)'
@@ -62,6 +63,7 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from run' -s q -l quiet -d 'no
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l notify -l no-notify -d 'a desktop notification here (default: the profile\'s notify setting)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l report -d 'print what each job used of what it asked for'
+complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l cancel-impossible -d 'cancel a job that can never start as submitted (exit 78 either way)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env -x -d 'environment to activate: a conda environment, or a venv, uv or pixi path'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what ENV is (default: conda for a name, found out for a path)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
@@ -85,6 +87,7 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -l json -d 'one JSO
 complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -l notify -l no-notify -d 'a desktop notification here (default: the profile\'s notify setting)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -l report -d 'print what each job used of what it asked for'
+complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -l cancel-impossible -d 'cancel a job that can never start as submitted (exit 78 either way)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -a '(__sl_forgery_jobs)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from wait' -l timeout -x -d 'give up after this long (exit 124)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from status' -s h -l help -d 'show this help message and exit'

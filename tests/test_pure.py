@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 import sl_forgery
-from sl_forgery import Job, JobInfo, JobStatus, UsageError
+from sl_forgery import ExitRecord, Job, JobInfo, JobStatus, UsageError
 
 
 def make_job(**overrides) -> Job:
@@ -151,9 +151,8 @@ def test_merge_prefers_finished_sacct_then_squeue_then_records():
         "2": JobInfo("2", JobStatus.COMPLETING, source="squeue"),
     }
     sacct = {"2": JobInfo("2", JobStatus.FAILED, 3, 0, source="sacct")}
-    merged = sl_forgery.merge_job_info(
-        ["1", "2", "3", "4", "5"], squeue, sacct, {"3": 0, "4": 2}, recent_ids=frozenset({"5"})
-    )
+    records = {"3": ExitRecord(0, None, "3", "n"), "4": ExitRecord(2, None, "4", "n")}
+    merged = sl_forgery.merge_job_info(["1", "2", "3", "4", "5"], squeue, sacct, records, recent_ids=frozenset({"5"}))
     assert merged["1"].status is JobStatus.RUNNING
     assert (merged["2"].status, merged["2"].exit_code) == (JobStatus.FAILED, 3)
     assert merged["3"].status is JobStatus.COMPLETED
@@ -348,3 +347,72 @@ def test_a_report_waits_for_sacct_to_record_the_steps_of_a_job_that_ran():
 def test_a_jupyter_runtime_file_that_jupyter_did_not_write_is_refused_in_one_line(text):
     with pytest.raises(sl_forgery.JupyterError, match="runtime file on the node is not one Jupyter wrote"):
         sl_forgery.parse_jupyter_runtime(text)
+
+
+# ---- states that are never wrong ------------------------------------------------------------------------------------
+
+
+def test_a_job_ended_by_a_signal_is_never_completed_and_a_record_of_another_submission_is_not_trusted():
+    records = sl_forgery.parse_exit_records(
+        "1 signal 15 1 aa\n2 exit 0 2 old\n3 0\n4 exit 0 9 cc\n", {"1": "aa", "2": "new", "3": "x", "4": "cc"}
+    )
+    assert list(records) == ["1"]
+    merged = sl_forgery.merge_job_info(["1", "2", "3", "4"], {}, None, records)
+    assert (merged["1"].status, merged["1"].signal, merged["1"].ended) == (JobStatus.UNKNOWN, 15, True)
+    assert sl_forgery.exit_code_for([merged["1"]]) == 1
+    for job_id in ("2", "3", "4"):
+        assert merged[job_id].status is JobStatus.UNKNOWN and not merged[job_id].ended
+
+
+def test_squeues_live_state_wins_over_an_earlier_runs_end_in_sacct():
+    squeue = {"7": JobInfo("7", JobStatus.PENDING, reason="BeginTime", source="squeue")}
+    sacct = {"7": JobInfo("7", JobStatus.NODE_FAIL, 0, 0, source="sacct")}
+    assert sl_forgery.merge_job_info(["7"], squeue, sacct, {})["7"].status is JobStatus.PENDING
+    ended = {"7": JobInfo("7", JobStatus.COMPLETED, source="squeue")}
+    assert sl_forgery.merge_job_info(["7"], ended, sacct, {})["7"].status is JobStatus.NODE_FAIL
+
+
+def test_a_pending_arrays_one_row_answers_for_each_task():
+    rows = sl_forgery.parse_squeue("123_[1-3,5%2]|PENDING|JobHeldUser|a||UNLIMITED\n123_4|RUNNING|None|a|n1|1:00\n")
+    assert sorted(rows) == ["123_1", "123_2", "123_3", "123_4", "123_5"]
+    merged = sl_forgery.merge_job_info(["123_5", "123"], rows, None, {})
+    assert merged["123_5"].status is JobStatus.PENDING and merged["123"].status is JobStatus.RUNNING
+
+
+def test_a_finished_array_nobody_remembers_is_settled_from_every_tasks_record():
+    tasks = {"50": ["50_1", "50_2"]}
+    one = {"50_1": ExitRecord(0, None, "50_1", "n")}
+    assert sl_forgery.merge_job_info(["50"], {}, None, one, tasks=tasks)["50"].status is JobStatus.UNKNOWN
+    both = {**one, "50_2": ExitRecord(3, None, "50_2", "n")}
+    settled = sl_forgery.merge_job_info(["50"], {}, None, both, tasks=tasks)["50"]
+    assert (settled.status, settled.exit_code, settled.ended) == (JobStatus.FAILED, 3, True)
+
+
+def test_heterogeneous_jobs_and_leading_zeros_read_as_slurm_reads_them():
+    assert [sl_forgery.normalize_job_id(x) for x in ("0012", "200+0", "7_03")] == ["12", "200+0", "7_3"]
+    for bad in ("12+", "+1", "1_2+3", "1 2"):
+        with pytest.raises(UsageError):
+            sl_forgery.normalize_job_id(bad)
+    rows = sl_forgery.parse_squeue("200+0|RUNNING|None|a|n1|1:00\n200+1|PENDING|Resources|a||1:00\n")
+    merged = sl_forgery.merge_job_info(["200", "200+1"], rows, None, {})
+    assert merged["200"].status is JobStatus.RUNNING and merged["200+1"].status is JobStatus.PENDING
+    assert "-j 200 " in sl_forgery.status_query_command(["200+1"], {})
+
+
+def test_reasons_that_never_clear_are_told_from_those_that_do():
+    assert sl_forgery.never_starts(JobInfo("1", JobStatus.PENDING, reason="DependencyNeverSatisfied"))
+    for reason in ("Resources", "Priority", "AssocMaxJobsLimit", "ReqNodeNotAvail, UnavailableNodes:node1", ""):
+        assert not sl_forgery.never_starts(JobInfo("1", JobStatus.PENDING, reason=reason))
+
+
+def test_a_silent_scheduler_is_asked_again_with_back_off_until_the_grace_period_ends():
+    progress = sl_forgery.WaitProgress(["1"], {}, sl_forgery.WaitSchedule(0), None)
+    busy = sl_forgery.SchedulerBusy(["squeue"], 1, "", "slurm_load_jobs error: Socket timed out", what="squeue")
+    pauses = []
+    for now in (0, 2, 6, 14, 30, 60, 90, 120, 150, 180, 210, 240, 270):
+        progress.scheduler_silent(busy, now, grace=300)
+        pauses.append(progress.schedule.next_query - now)
+    assert pauses[:5] == [2, 4, 8, 16, 30] and max(pauses) == 30
+    with pytest.raises(sl_forgery.SchedulerUnreachable, match="did not answer for 300 s"):
+        progress.scheduler_silent(busy, 300, grace=300)
+    assert sl_forgery.SchedulerUnreachable.exit_code == 75 and sl_forgery.JobCannotStart.exit_code == 78

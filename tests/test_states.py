@@ -1,0 +1,164 @@
+"""States on the real cluster that must never be wrong: kills, requeues, arrays, heterogeneous jobs, jobs that can
+never start and a controller too busy to answer."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import cli
+from sl_forgery import Job, JobCannotStart, JobStatus, WaitTimeout
+
+
+def make_job(remote_dir: str, name: str = "job", cpus: int = 1) -> Job:
+    return Job(name, f"{remote_dir}/out.txt", f"{remote_dir}/err.txt", remote_dir, cpus_to_use=cpus, ram_gb=0.25)
+
+
+def as_root(cluster, *argv: str) -> subprocess.CompletedProcess:
+    """A SLURM command run as root here (the test bed is root's), for faults a user cannot cause."""
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env={**os.environ, "SLURM_CONF": cluster.slurm_conf}
+    )
+
+
+def remote_file(cluster, path: str, deadline: float = 60) -> str:
+    """The text of a file on the server once it exists."""
+    end = time.monotonic() + deadline
+    while True:
+        result = cluster.ssh(f"cat {path}", check=False)
+        if result.returncode == 0 or time.monotonic() > end:
+            return result.stdout
+        time.sleep(0.2)
+
+
+def held_jobs(cluster, remote_dir: str, sbatch_args: str, count: int = 1) -> list[str]:
+    """Jobs submitted held (they stay PENDING until released or cancelled) straight with sbatch."""
+    submit = f"sbatch -H --parsable {sbatch_args}"
+    return cluster.ssh(
+        f"mkdir -p {remote_dir} && cd {remote_dir} && for i in $(seq {count}); do {submit}; done", timeout=300
+    ).stdout.split()
+
+
+def test_a_cancelled_running_jobs_record_says_which_signal_ended_it(server, cluster, remote_dir):
+    job = make_job(remote_dir)
+    job.add_command("sleep 300")
+    server.submit_job(job)
+    assert cluster.wait_for_state(job.job_id, {"RUNNING"}) == "RUNNING"
+    server.cancel(job.job_id)
+    record = remote_file(cluster, f"{remote_dir}/.sl-forgery/{job.job_id}.exit")
+    assert record.split() == ["signal", "15", job.job_id, job.submission_nonce]
+    assert server.wait(job.job_id, timeout=60)[job.job_id].status is JobStatus.CANCELLED
+
+
+def test_an_old_record_in_a_reused_directory_is_not_the_new_jobs_end(server, cluster, remote_dir):
+    first = make_job(remote_dir, "first")
+    first.add_command("true")
+    server.submit_job(first)
+    assert server.wait(first.job_id, timeout=60)[first.job_id].status is JobStatus.COMPLETED
+    second = make_job(remote_dir, "second")
+    second.add_command("sleep 300")
+    server.submit_job(second)
+    # As after a controller reset that hands out ids again: the old job's record under the new job's id.
+    cluster.ssh(f"cp {remote_dir}/.sl-forgery/{first.job_id}.exit {remote_dir}/.sl-forgery/{second.job_id}.exit")
+    assert cluster.wait_for_state(second.job_id, {"RUNNING"}) == "RUNNING"
+    try:
+        assert server.job_info(second.job_id)[second.job_id].status is JobStatus.RUNNING
+        with pytest.raises(WaitTimeout):
+            server.wait(second.job_id, timeout=3)
+    finally:
+        server.cancel(second.job_id)
+
+
+def test_a_requeued_job_reads_pending_not_ended(server, cluster, remote_dir):
+    job = make_job(remote_dir)
+    job.add_command("sleep 300")
+    server.submit_job(job)
+    assert cluster.wait_for_state(job.job_id, {"RUNNING"}) == "RUNNING"
+    try:
+        requeue = as_root(cluster, "scontrol", "requeue", job.job_id)
+        assert requeue.returncode == 0, requeue.stderr
+        # The first run's end reaches its record and sacct; squeue shows the job waiting to run again.
+        remote_file(cluster, f"{remote_dir}/.sl-forgery/{job.job_id}.exit")
+        assert cluster.wait_for_state(job.job_id, {"PENDING"}) == "PENDING"
+        info = server.job_info(job.job_id)[job.job_id]
+        assert info.status is JobStatus.PENDING and not info.ended
+    finally:
+        server.cancel(job.job_id)
+
+
+def test_a_task_of_a_pending_array_and_a_heterogeneous_job_are_known_by_their_own_ids(server, cluster, remote_dir):
+    (array,) = held_jobs(cluster, remote_dir, "-a 1-5 -o /dev/null --wrap true")
+    components = "#!/bin/sh\\n#SBATCH -o /dev/null\\n#SBATCH hetjob\\n#SBATCH -o /dev/null\\ntrue\\n"
+    hetero = cluster.ssh(f"cd {remote_dir} && printf '{components}' | sbatch -H --parsable").stdout.strip()
+    try:
+        ids = [f"{array}_4", array, hetero, f"{hetero}+1", f"000{hetero}"]
+        infos = server.job_info(ids)
+        assert [infos[job_id].status for job_id in ids] == [JobStatus.PENDING] * 5
+        with pytest.raises(WaitTimeout):
+            server.wait(f"{array}_4", timeout=2)
+    finally:
+        cluster.ssh(f"scancel {array} {hetero}")
+
+
+def test_a_thousand_jobs_and_a_1001_task_array_are_asked_about_in_one_round_trip(server, cluster, remote_dir):
+    jobs = held_jobs(cluster, remote_dir, "-o /dev/null --wrap true", count=1000)
+    (array,) = held_jobs(cluster, remote_dir, "-a 0-1000 -o /dev/null --wrap true")
+    try:
+        tasks = [f"{array}_{task}" for task in range(1001)]
+        before = server.scheduler_queries
+        infos = server.job_info([*jobs, *tasks])
+        assert server.scheduler_queries == before + 1
+        assert len(infos) == 2001 and {info.status for info in infos.values()} == {JobStatus.PENDING}
+    finally:
+        cluster.ssh(f"scancel {' '.join(jobs)} {array}", timeout=120)
+
+
+def test_wait_ends_for_a_job_that_can_never_start_and_cancels_it_when_asked(server, cluster, profile_name, remote_dir):
+    job = make_job(remote_dir, cpus=64)  # more than any node of the partition has: PartitionConfig
+    job.add_command("true")
+    server.submit_job(job)
+    try:
+        with pytest.raises(JobCannotStart, match="PartitionConfig"):
+            server.wait(job.job_id, poll_first=1, poll_max=1)
+        assert cluster.job_state(job.job_id) == "PENDING"
+    finally:
+        server.cancel(job.job_id)
+    waited = cli("run", "--cpus", "64", "--mem", "0.25", "--wait", "--cancel-impossible", "--", "true")
+    assert waited.returncode == 78, waited.stderr
+    assert "PartitionConfig" in waited.stderr and "cancelled" in waited.stderr
+    job_id = waited.stdout.split()[0]
+    assert cluster.wait_for_state(job_id, {"CANCELLED"}) == "CANCELLED"
+
+
+@pytest.mark.exclusive
+def test_wait_rides_out_a_controller_that_does_not_answer(server, cluster, remote_dir):
+    job = make_job(remote_dir)
+    job.add_command("sleep 15")
+    server.submit_job(job)
+    assert cluster.wait_for_state(job.job_id, {"RUNNING"}) == "RUNNING"
+    outcome = {}
+
+    def wait() -> None:
+        try:
+            outcome["infos"] = server.wait(job.job_id, poll_first=1, poll_max=1)
+        except Exception as problem:  # the test reports it below
+            outcome["error"] = problem
+
+    waiter = threading.Thread(target=wait)
+    controller = int((cluster.state / "run" / "slurmctld.pid").read_text())
+    os.kill(controller, signal.SIGSTOP)
+    try:
+        waiter.start()
+        deadline = time.monotonic() + 120
+        while server.scheduler_failures == 0 and "error" not in outcome and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(controller, signal.SIGCONT)
+    waiter.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    assert server.scheduler_failures >= 1
+    final = outcome["infos"][job.job_id]
+    assert (final.status, final.exit_code) == (JobStatus.COMPLETED, 0)
