@@ -81,6 +81,7 @@ SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, 
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 SCHEDULER_CALL_TIMEOUT = 30  # seconds one squeue or sacct may take before it counts as no answer
+SUBMISSION_LOOKUP_PATIENCE = 60.0  # seconds a lost submission's sbatch is given to end before squeue is searched
 SCHEDULER_GRACE = 300.0  # seconds a wait rides out a controller that does not answer before it fails
 # What squeue prints when the controller is overloaded or restarting, rather than when the request is wrong.
 SCHEDULER_BUSY_MARKERS = (
@@ -91,6 +92,8 @@ SCHEDULER_BUSY_MARKERS = (
     "Transport endpoint is not connected",
 )
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
+WATCHER_RESTART_PAUSE = 1.0  # seconds between starts of a wait's watcher when its connection keeps failing
+CANCEL_NOTICE_CHECK = 0.5  # seconds between looks, while waiting, for a cancel from this machine
 REPORT_SETTLE = 15.0  # seconds a report after a job's end may wait for sacct to record the end of every step
 LOG_SETTLE_SECONDS = 1.0  # after a job ends, what it wrote last reaches a followed log within this
 # sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers, logs --follow) take
@@ -871,6 +874,7 @@ def choose(value: Any, profile: Profile, field: str) -> Any:
 JUPYTER_RUNTIME_GLOB = "jpserver-*"
 # What a Jupyter job asks for unless told otherwise (a notebook needs more than a batch job's defaults).
 JUPYTER_DEFAULTS = {"cpus_to_use": 2, "ram_gb": 32, "time_limit": 240}
+JUPYTER_RUNTIME_FILE_PATIENCE = 30.0  # seconds Jupyter's runtime file may stay empty or cut short
 
 
 class JupyterJob(Job):
@@ -1785,16 +1789,42 @@ def submit_command(plan: SubmissionPlan) -> str:
     """Remote script: make the directories, write the job's script, sbatch it; on refusal remove the script.
 
     sbatch's exit code is printed as a last ``@@ N`` line, because sbatch itself may exit 255, which would read as
-    a failure of ssh.
+    a failure of ssh. What it prints is kept in ``SCRIPT.submitted`` first, so that a connection lost while sbatch
+    runs loses no job id (see `submission_lookup_command`).
     """
     quoted_script = shlex.quote(plan.script_path)
+    outcome = shlex.quote(plan.script_path + ".submitted")
     missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in plan.directories)
     start, body = shell_here_document(plan.script)
     return (
         f"if {missing}; then mkdir -p -- {' '.join(map(shlex.quote, plan.directories))} || exit 1; fi\n"
         f"cat > {quoted_script} {start}\n{body}"
         "[ $? = 0 ] || exit 1\n"
-        f'{shlex.join(plan.sbatch_argv)}; rc=$?; if [ $rc != 0 ]; then rm -f -- {quoted_script}; fi; echo "@@ $rc"'
+        f"{shlex.join(plan.sbatch_argv)} > {outcome}.tmp; rc=$?\n"
+        f'echo "@@ $rc" >> {outcome}.tmp && mv -f -- {outcome}.tmp {outcome}\n'
+        f"if [ $rc != 0 ]; then rm -f -- {quoted_script}; fi\n"
+        f"cat -- {outcome}"
+    )
+
+
+def submission_lookup_command(plan: SubmissionPlan, patience: float = SUBMISSION_LOOKUP_PATIENCE) -> str:
+    """Remote script for after a connection was lost during `submit_command`: prints what sbatch printed (as
+    `submit_command` does) once it has ended; ``@@ none`` when the script was never written or was refused and
+    removed (nothing was submitted); else, after ``patience`` seconds, the id of a job of this user that runs this
+    very script, if squeue shows one, and ``@@ unknown``."""
+    script = shlex.quote(plan.script_path)
+    outcome = shlex.quote(plan.script_path + ".submitted")
+    return (
+        f"tries={int(patience * 2)}\n"
+        "while :; do\n"
+        f"  if [ -f {outcome} ]; then cat -- {outcome}; exit 0; fi\n"
+        f"  if [ ! -f {script} ]; then echo '@@ none'; exit 0; fi\n"
+        '  tries=$((tries - 1)); [ "$tries" -gt 0 ] || break; sleep 0.5\n'
+        "done\n"
+        f"timeout {SCHEDULER_CALL_TIMEOUT:g} squeue -h --me -o '%i %o' | while read -r id command; do\n"
+        f'  [ "$command" = {script} ] && echo "$id"\n'
+        "done\n"
+        "echo '@@ unknown'"
     )
 
 
@@ -2585,28 +2615,67 @@ class JobNotRecorded(SlForgeryError):
         )
 
 
-def record_job(record: JobRecord) -> None:
-    """Add a job to the local history; `JobNotRecorded` (with its id) when the history cannot be written."""
+def _append_lines(path: Path, documents: Iterable[Mapping[str, Any]]) -> None:
+    """Append JSON lines to a private state file (created 0600)."""
     import json
 
-    path = history_path()
-    line = (json.dumps(record._asdict()) + "\n").encode("utf-8")
+    data = "".join(json.dumps(document) + "\n" for document in documents).encode("utf-8")
+    _private_dir(path.parent)
+    descriptor = _open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     try:
-        _private_dir(path.parent)
-        descriptor = _open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-        try:
-            size = os.fstat(descriptor).st_size
-            # A last line cut short (a crash, a full disk) is ended first, so that it cannot swallow this record.
-            if size and os.pread(descriptor, 1, size - 1) != b"\n":
-                line = b"\n" + line
-            while line:
-                line = line[os.write(descriptor, line) :]
-        finally:
-            os.close(descriptor)
+        size = os.fstat(descriptor).st_size
+        # A last line cut short (a crash, a full disk) is ended first, so that it cannot swallow this record.
+        if size and os.pread(descriptor, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:
+            data = data[os.write(descriptor, data) :]
+    finally:
+        os.close(descriptor)
+
+
+def record_job(record: JobRecord) -> None:
+    """Add a job to the local history; `JobNotRecorded` (with its id) when the history cannot be written."""
+    path = history_path()
+    try:
+        _append_lines(path, [record._asdict()])
     except OSError as error:
         raise JobNotRecorded(record.job_id, path, _os_reason(error)) from None
     except SlForgeryError as error:
         raise JobNotRecorded(record.job_id, path, str(error)) from None
+
+
+def ended_jobs_path() -> Path:
+    return state_dir() / "ended.jsonl"
+
+
+def remember_ended(server: str, ended: Iterable[tuple[JobRecord, JobInfo]]) -> None:
+    """Keep the final states of jobs submitted from here, so that asking again costs no round trip. Each is tied
+    to its submission (its time), so that a job id the controller hands out again is asked about anew. Best effort:
+    a state that cannot be kept is asked for again next time."""
+    documents = [
+        {"server": server, "submitted": record.submitted, **info._replace(status=info.status.value)._asdict()}
+        for record, info in ended
+    ]
+    if documents:
+        with contextlib.suppress(OSError, SlForgeryError):
+            _append_lines(ended_jobs_path(), documents)
+
+
+def load_ended(server: str, records: Mapping[str, JobRecord]) -> dict[str, JobInfo]:
+    """The kept final states (see `remember_ended`) of this server's jobs that are still the ones in ``records``."""
+    import json
+
+    ended = {}
+    for line in (_read_state_file(ended_jobs_path(), "the ended jobs") or "").splitlines():
+        try:
+            data = json.loads(line)
+            info = JobInfo(**{field: data[field] for field in JobInfo._fields})
+            record = records.get(info.job_id)
+            if data["server"] == server and record is not None and record.submitted == data["submitted"]:
+                ended[info.job_id] = info._replace(status=JobStatus(info.status))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short or edited: the job is asked about again
+    return ended
 
 
 _JOB_ID_RE = re.compile(r"^[0-9]+(_[0-9]+)?$")
@@ -3791,8 +3860,28 @@ class Server:
     # -- submission -------------------------------------------------------------------------------------------------
 
     def submit_plan(self, plan: SubmissionPlan) -> str:
-        """Carry out a plan in one round trip (directories, script, sbatch) and remember the job; returns its id."""
-        result = self.run(submit_command(plan), what=f"preparing {plan.record.working_directory}")
+        """Carry out a plan in one round trip (directories, script, sbatch) and remember the job; returns its id.
+
+        Exactly once: when the connection is lost on the way, the job is looked for (`submission_lookup_command`)
+        before the plan is carried out again, only if it never reached sbatch."""
+        what = f"preparing {plan.record.working_directory}"
+        try:
+            result = self.run(submit_command(plan), what=what)
+        except SSHError as lost:
+            found = self.run(submission_lookup_command(plan), what=f"looking for the job of {plan.script_path}")
+            if found.stdout.strip() == "@@ none":
+                result = self.run(submit_command(plan), what=what)
+            elif found.stdout.rstrip().endswith("@@ unknown"):
+                job_ids = found.stdout.split()[:-2]
+                if len(job_ids) != 1:
+                    raise SlForgeryError(
+                        f"the connection was lost while sbatch ran ({lost.summary}) and no job running "
+                        f"{plan.script_path} can be found; see 'squeue --me' before submitting again"
+                    ) from None
+                found.stdout = f"{job_ids[0]}\n@@ 0\n"
+                result = found
+            else:
+                result = found
         try:
             sbatch_stdout, sbatch_rc = parse_submit_output(result.stdout)
             if sbatch_rc != 0:
@@ -3855,8 +3944,11 @@ class Server:
         """What the scheduler says of any number of jobs, in one round trip; final states are cached."""
         ids = _job_ids(job_ids)
         wanted = [job_id for job_id in ids if job_id not in self._final]
+        records = load_job_records(self.profile.name) if wanted else {}
         if wanted:
-            records = load_job_records(self.profile.name)
+            self._final.update(load_ended(self.profile.name, records))
+            wanted = [job_id for job_id in wanted if job_id not in self._final]
+        if wanted:
             command = status_query_command(wanted, self._record_paths(wanted, records))
             result = self.run(command, what="squeue/sacct")
             self.scheduler_queries += 1
@@ -3873,6 +3965,7 @@ class Server:
             exit_records = parse_exit_records(records_out, self._record_nonces(wanted, records))
             tasks = {job_id: records[job_id].task_ids for job_id in wanted if job_id in records}
             merged = merge_job_info(wanted, squeue_rows, sacct_rows, exit_records, recent, tasks)
+            newly_ended: list[tuple[JobRecord, JobInfo]] = []
             for job_id, info in merged.items():
                 if job_id in records and info.name in ("", "allocation"):
                     # Just after a job ends, sacct may name it "allocation"; the name it was given is known here.
@@ -3880,7 +3973,10 @@ class Server:
                 # squeue alone may show a final state before its exit code is known: keep asking until it is.
                 if info.ended and (info.source != "squeue" or info.exit_code is not None):
                     self._final[job_id] = info
+                    if job_id in records:
+                        newly_ended.append((records[job_id], info))
                 self._live[job_id] = info
+            remember_ended(self.profile.name, newly_ended)
         return {job_id: self._final.get(job_id) or self._live[job_id] for job_id in ids}
 
     def get_job_status(self, job_id: object) -> JobStatus:
@@ -3920,14 +4016,22 @@ class Server:
         nonces = self._record_nonces(ids, records)
         tasks = {job_id: frozenset(records[job_id].task_ids) for job_id in ids if job_id in records}
         progress = WaitProgress(ids, tasks, WaitSchedule(time.monotonic(), poll_first, poll_max), timeout)
-        with contextlib.ExitStack() as stack:
-            watcher = None
-            if record_paths:
-                try:
-                    watcher = stack.enter_context(self.connection.lasting(watcher_command(record_paths, nonces)))
-                except SessionsBusy:
-                    pass  # without a lasting session to spare, the scheduler alone tells when the jobs end
-            return self._wait_loop(progress, watcher, on_change, nonces, cancel_impossible)
+        watching = contextlib.ExitStack()
+
+        def start_watcher() -> subprocess.Popen | None:
+            """A watcher of the records not seen yet (the last one, if any, is ended first); None when there is
+            nothing to watch or no lasting session to spare (the scheduler alone then tells when the jobs end)."""
+            watching.close()
+            unseen = {job_id: path for job_id, path in record_paths.items() if job_id not in progress.recorded}
+            if not unseen:
+                return None
+            try:
+                return watching.enter_context(self.connection.lasting(watcher_command(unseen, nonces)))
+            except (SessionsBusy, SSHError):
+                return None
+
+        with watching:
+            return self._wait_loop(progress, start_watcher, on_change, nonces, cancel_impossible)
 
     def _stop_never_starting(self, progress: WaitProgress, cancel: bool) -> None:
         """Raise `JobCannotStart` for jobs pending for a reason that never clears, cancelling them if asked."""
@@ -3950,17 +4054,25 @@ class Server:
     def _wait_loop(
         self,
         progress: WaitProgress,
-        watcher: subprocess.Popen | None,
+        start_watcher: Callable[[], subprocess.Popen | None],
         on_change: Callable[[JobInfo], None] | None,
         nonces: Mapping[str, str] | None = None,
         cancel_impossible: bool = False,
     ) -> dict[str, JobInfo]:
-        """The I/O half of `wait`: ask the scheduler when the schedule says, read the watcher in between."""
+        """The I/O half of `wait`: ask the scheduler when the schedule says, read the watcher in between. A
+        watcher that ends before its records came (the connection was lost and its master restarted) is started
+        again over the new master, at most every WATCHER_RESTART_PAUSE seconds."""
         import select
 
+        watcher = start_watcher()
+        watcher_started, watcher_ended = time.monotonic(), False
         buffer = ""
+        notice = self._cancel_notice()
         while True:
             now = time.monotonic()
+            if self._cancel_notice() != notice:
+                notice = self._cancel_notice()
+                progress.schedule.next_query = now  # a job may have been cancelled from here: ask now
             if progress.schedule.due(now):
                 try:
                     infos = self.job_info(progress.unfinished())
@@ -3978,16 +4090,25 @@ class Server:
                     progress.check_known(self.profile.name)
                     self._stop_never_starting(progress, cancel_impossible)
             progress.check_deadline(time.monotonic())
-            pause = progress.pause(time.monotonic())
+            pause = min(progress.pause(time.monotonic()), CANCEL_NOTICE_CHECK)
             if watcher is None:
                 time.sleep(pause)
+                continue
+            if watcher_ended:
+                if time.monotonic() - watcher_started < WATCHER_RESTART_PAUSE:
+                    time.sleep(pause)
+                    continue
+                watcher, watcher_started, watcher_ended, buffer = start_watcher(), time.monotonic(), False, ""
+                if watcher is not None:
+                    # Its connection was lost: the end may have come meanwhile, so ask the scheduler now too.
+                    progress.schedule.next_query = time.monotonic()
                 continue
             ready, _, _ = select.select([watcher.stdout], [], [], pause)
             if not ready:
                 continue
             chunk = os.read(watcher.stdout.fileno(), 4096).decode(errors="replace")
-            if not chunk:  # every record seen, or the watcher died: the scheduler alone remains
-                watcher = None
+            if not chunk:  # every record seen (no new watcher is needed then), or the connection was lost
+                watcher_ended = True
                 continue
             *lines, buffer = (buffer + chunk).split("\n")
             progress.records_arrived(parse_exit_records("\n".join(lines), nonces), time.monotonic())
@@ -4007,7 +4128,22 @@ class Server:
         ended = [job_id for job_id, reason in refusals.items() if reason == SCANCEL_ALREADY_ENDED]
         if result.returncode != 0 or len(refusals) > len(ended):
             raise SlurmError(argv, result.returncode, result.stdout, result.stderr, what="scancel")
+        # Waits on this server from this machine see the notice change and ask the scheduler at once; a pending
+        # job writes no exit record to tell them.
+        with contextlib.suppress(SlForgeryError):
+            write_private_file(self._cancel_notice_path(), " ".join(ids) + "\n")
         return ended
+
+    def _cancel_notice_path(self) -> Path:
+        return control_dir() / f"cancelled-{self.profile.name}"
+
+    def _cancel_notice(self) -> tuple[int, int] | None:
+        """Which cancel notice is the last (see `cancel`), to tell when a new one comes."""
+        try:
+            info = os.stat(self._cancel_notice_path())
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
 
     def abort_job(self, job: Job | str | int) -> None:
         self.cancel([getattr(job, "job_id", job)])
@@ -4190,15 +4326,14 @@ class Server:
         self, job: JupyterJob, wait_timeout: float | None, on_change: Callable[[JobInfo], None] | None
     ) -> None:
         """Wait for Jupyter's runtime file, read it over the master and remove it (it holds the token)."""
-
         runtime = shlex.quote(job.runtime_directory)
-        read = (
-            f'for f in {runtime}/{JUPYTER_RUNTIME_GLOB}.json; do [ -f "$f" ] && cat "$f" && '
-            f"rm -f {runtime}/{JUPYTER_RUNTIME_GLOB}; break; done; true"
-        )
+        # Printed, not removed, until it reads whole: Jupyter may be writing it still.
+        read = f'for f in {runtime}/{JUPYTER_RUNTIME_GLOB}.json; do [ -f "$f" ] && echo found && cat "$f"; break; done'
+        read += "; true"
         deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
         last: JobInfo | None = None
         next_status = 0.0
+        unreadable_since: float | None = None
         while True:
             if time.monotonic() >= next_status:
                 info = self.job_info([job.job_id])[job.job_id]
@@ -4215,8 +4350,19 @@ class Server:
                     )
             if last is not None and last.status is JobStatus.RUNNING:
                 text = self.run(read, what="reading Jupyter's runtime file").stdout
-                if text.strip():
-                    job.host, job.port, job.token = parse_jupyter_runtime(text)
+                found, _, content = text.partition("\n")
+                try:
+                    job.host, job.port, job.token = parse_jupyter_runtime(content)
+                except JupyterError:
+                    if found == "found":  # there, but empty, cut short or not Jupyter's
+                        unreadable_since = unreadable_since or time.monotonic()
+                        if time.monotonic() - unreadable_since > JUPYTER_RUNTIME_FILE_PATIENCE:
+                            raise JupyterError(
+                                f"Jupyter job {job.job_id}'s runtime file in {job.runtime_directory} stayed empty, "
+                                f"incomplete or foreign for {JUPYTER_RUNTIME_FILE_PATIENCE:g} s; it was cancelled"
+                            ) from None
+                else:
+                    self.run(f"rm -f {runtime}/{JUPYTER_RUNTIME_GLOB}", what="removing Jupyter's runtime file")
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 state = f"{last.status}, {last.reason}" if last and last.reason else str(last.status if last else "")
@@ -5262,6 +5408,18 @@ def cmd_server_setup_key(args: Any) -> int:
 # -- Jupyter -----------------------------------------------------------------------------------------------------------
 
 
+def _interrupt_on_hangup() -> None:
+    """SIGTERM and SIGHUP (the terminal closed, `timeout`, a logout) act as Ctrl-C does, so that a job and a tunnel
+    that only this process would stop are not left running."""
+    import signal
+
+    def interrupt(signal_number: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
 def cmd_jupyter(args: Any) -> int:
     values = _flag_values(args)
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
@@ -5290,6 +5448,7 @@ def cmd_jupyter(args: Any) -> int:
         if args.json:
             raise UsageError("--dry-run prints the job script, not JSON: leave out --json")
         return _print_dry_run(server, server.plan_job(job))
+    _interrupt_on_hangup()
     try:
         server.start_jupyter(job, wait_timeout=args.wait_timeout, on_change=Progress(quiet=args.quiet))
     except JupyterError as error:

@@ -68,7 +68,9 @@ def test_two_servers_at_once_get_two_working_urls(server, cluster):
         server.stop_jupyter(second.job_id)
 
 
-def test_ctrl_c_cancels_the_job_and_closes_the_tunnel(profile_name, cluster):
+# Ctrl-C, the terminal closed (SIGHUP) and `timeout` or a session manager (SIGTERM) all mean: stop.
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "term", "hangup"])
+def test_ctrl_c_cancels_the_job_and_closes_the_tunnel(profile_name, cluster, stop):
     process = subprocess.Popen(
         [console_script("sl-forgery"), "jupyter", "--env", "jupyter", "--mem", "1"],
         stdout=subprocess.PIPE,
@@ -79,7 +81,7 @@ def test_ctrl_c_cancels_the_job_and_closes_the_tunnel(profile_name, cluster):
     assert url.startswith("http://127.0.0.1:") and "/lab?token=" in url
     assert http_status(status_urls(url)[0]) == 200
     job_id = json.loads(cli("jupyter", "list", "--json").stdout)["servers"][0]["job_id"]
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert f"stopped Jupyter job {job_id}" in stderr

@@ -1,11 +1,13 @@
 """States on the real cluster that must never be wrong: kills, requeues, arrays, heterogeneous jobs, jobs that can
 never start and a controller too busy to answer."""
 
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,82 @@ def test_wait_rides_out_a_controller_that_does_not_answer(server, cluster, remot
     assert server.scheduler_failures >= 1
     final = outcome["infos"][job.job_id]
     assert (final.status, final.exit_code) == (JobStatus.COMPLETED, 0)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def newest_process(pattern: str, deadline: float = 30) -> int:
+    """The pid of the newest process whose command line matches, once there is one."""
+    end = time.monotonic() + deadline
+    while True:
+        found = subprocess.run(["pgrep", "-n", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if found or time.monotonic() > end:
+            assert found, f"no process matches {pattern!r}"
+            return int(found[0])
+        time.sleep(0.05)
+
+
+@pytest.mark.exclusive
+def test_a_connection_lost_while_sbatch_runs_leaves_exactly_one_job(server, cluster, remote_dir, unique_name):
+    job = make_job(remote_dir, unique_name)
+    job.add_command("true")
+    outcome = {}
+
+    def submit() -> None:
+        try:
+            outcome["job_id"] = server.submit_job(job).job_id
+        except Exception as problem:  # the test reports it below
+            outcome["error"] = problem
+
+    submitting = threading.Thread(target=submit)
+    controller = int((cluster.state / "run" / "slurmctld.pid").read_text())
+    os.kill(controller, signal.SIGSTOP)  # sbatch now waits for the controller's answer
+    try:
+        submitting.start()
+        session = parent_of(newest_process(f"sbatch --parsable .*{remote_dir}"))
+        while "sshd" not in Path(f"/proc/{session}/comm").read_text():
+            session = parent_of(session)
+        os.kill(session, signal.SIGKILL)  # the connection drops before the id comes back
+    finally:
+        os.kill(controller, signal.SIGCONT)
+    submitting.join(timeout=180)
+    assert "error" not in outcome, outcome.get("error")
+    named = cluster.ssh(f"squeue -h --states=all --name={unique_name} -o %i").stdout.split()
+    assert named == [outcome["job_id"]]
+    assert server.wait(job.job_id, timeout=60)[job.job_id].status is JobStatus.COMPLETED
+
+
+def test_cancel_from_this_machine_ends_a_wait_on_a_pending_job_at_once(server, cluster, profile_name, remote_dir):
+    job = Job(
+        "later", f"{remote_dir}/o", f"{remote_dir}/e", remote_dir, ram_gb=0.25, sbatch_options=["--begin=now+3600"]
+    )
+    job.add_command("true")
+    server.submit_job(job)
+    outcome = {}
+    # The scheduler is asked when the wait starts and then not for an hour: only the cancel can end it sooner.
+    waiting = threading.Thread(target=lambda: outcome.update(server.wait(job.job_id, poll_first=3600)))
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while server.scheduler_queries == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancelled = cli("cancel", job.job_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        waiting.join(timeout=60)
+    finally:
+        server.cancel(job.job_id)
+    assert not waiting.is_alive()
+    assert outcome[job.job_id].status is JobStatus.CANCELLED
+
+
+def test_status_of_an_ended_job_makes_no_round_trip_and_logs_n_0_prints_nothing(profile_name, cluster):
+    job_id = cli("run", "--mem", "0.25", "--wait", "--", "printf", "one\\ntwo\\n").stdout.split()[0]
+    first = cli("-v", "status", "--json", job_id)
+    assert json.loads(first.stdout)["jobs"][0]["state"] == "COMPLETED"
+    again = cli("-v", "status", "--json", job_id)
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+    assert "+ ssh" not in again.stderr, again.stderr
+    assert cli("logs", job_id, "-n", "0").stdout == ""
+    assert cli("logs", job_id, "-n", "1").stdout == "two\n"
