@@ -96,9 +96,9 @@ def test_a_task_of_a_pending_array_and_a_heterogeneous_job_are_known_by_their_ow
     components = "#!/bin/sh\\n#SBATCH -o /dev/null\\n#SBATCH hetjob\\n#SBATCH -o /dev/null\\ntrue\\n"
     hetero = cluster.ssh(f"cd {remote_dir} && printf '{components}' | sbatch -H --parsable").stdout.strip()
     try:
-        ids = [f"{array}_4", array, hetero, f"{hetero}+1", f"000{hetero}"]
-        infos = server.job_info(ids)
-        assert [infos[job_id].status for job_id in ids] == [JobStatus.PENDING] * 5
+        infos = server.job_info([f"{array}_4", array, f"{hetero}+1", f"000{hetero}"])
+        assert list(infos) == [f"{array}_4", array, f"{hetero}+1", hetero]
+        assert {info.status for info in infos.values()} == {JobStatus.PENDING}
         with pytest.raises(WaitTimeout):
             server.wait(f"{array}_4", timeout=2)
     finally:
