@@ -1802,8 +1802,8 @@ def submit_command(plan: SubmissionPlan) -> str:
         "[ $? = 0 ] || exit 1\n"
         f"{shlex.join(plan.sbatch_argv)} > {outcome}.tmp; rc=$?\n"
         f'echo "@@ $rc" >> {outcome}.tmp && mv -f -- {outcome}.tmp {outcome}\n'
-        f"if [ $rc != 0 ]; then rm -f -- {quoted_script}; fi\n"
-        f"cat -- {outcome}"
+        f"cat -- {outcome}\n"
+        f"if [ $rc != 0 ]; then rm -f -- {quoted_script} {outcome}; fi"
     )
 
 
