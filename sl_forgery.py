@@ -2548,6 +2548,13 @@ def load_config(path: Path | None = None) -> Config:
     if info.st_mode & 0o077:
         mode = info.st_mode & 0o777
         raise ConfigError(f"{path} is readable by other users (mode {oct(mode)}); run 'chmod 600 {path}'")
+    # The file as it is now: a cache of it read and checked before serves while this does not change.
+    stamp = (
+        f"{__version__}-{os.stat(__file__).st_mtime_ns}-{info.st_dev}-{info.st_ino}-{info.st_size}-{info.st_mtime_ns}"
+    )
+    cached = _cached_config(path, stamp)
+    if cached is not None:
+        return cached
     text = _read_config_text(path, "the servers file")
     data = _load_yaml(text, path, "fix the file or move it away") or {}
     key_lines = _yaml_key_lines(text)
@@ -2597,7 +2604,47 @@ def load_config(path: Path | None = None) -> Config:
         config.servers[name] = Profile(name=name, **settings)
     if config.default is not None and config.default not in config.servers:
         raise fail(("default",), f"default server {config.default!r} is not defined under 'servers'")
+    _cache_config(path, stamp, config)
     return config
+
+
+def _config_cache_path(path: Path) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:16]
+    return _xdg_dir("XDG_CACHE_HOME", ".cache") / APP_NAME / f"servers-{digest}.json"
+
+
+def _cached_config(path: Path, stamp: str) -> Config | None:
+    """The servers file as last read and checked, when it has not changed since (``stamp``): every command reads
+    it, and parsing YAML costs more than the rest of a command's start."""
+    import json
+
+    text = _read_trusted_cache(_config_cache_path(path))
+    try:
+        data = json.loads(text) if text else None
+        if not data or data["stamp"] != stamp or data["path"] != str(path.absolute()):
+            return None
+        servers = {name: Profile(name=name, **settings) for name, settings in data["servers"].items()}
+        return Config(path, servers, data["default"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _cache_config(path: Path, stamp: str, config: Config) -> None:
+    import json
+
+    document = {
+        "stamp": stamp,
+        "path": str(path.absolute()),
+        "default": config.default,
+        "servers": {name: profile.to_yaml_dict() for name, profile in config.servers.items()},
+    }
+    try:
+        _private_dir(_config_cache_path(path).parent)
+        write_private_file(_config_cache_path(path), json.dumps(document))
+    except (OSError, SlForgeryError):
+        pass  # an unusable cache only costs speed
 
 
 def history_path() -> Path:
