@@ -1548,8 +1548,11 @@ class WaitSchedule:
     def due(self, now: float) -> bool:
         return now >= self.next_query
 
-    def asked(self, now: float) -> float:
-        """The scheduler was just asked: returns (and keeps) when to ask next."""
+    def asked(self, now: float, confirming: bool = False) -> float:
+        """The scheduler was just asked: returns (and keeps) when to ask next; while ``confirming`` (a record says
+        a job ended and the scheduler does not say so yet), every 4 s at most."""
+        if confirming and not self.confirm_delay:
+            self.confirm_delay = 4.0
         if self.confirm_delay:
             self.next_query = now + self.confirm_delay
             self.confirm_delay = self.confirm_delay * 2 if self.confirm_delay < 4 else 0.0
@@ -1598,7 +1601,12 @@ class WaitProgress:
             if info.job_id not in self.last or self.last[info.job_id].status != info.status
         ]
         self.last.update(infos)
-        self.schedule.asked(now)
+        # A job whose records say it ended while squeue still shows it ending (the epilog runs, sacct lags).
+        confirming = any(
+            job_id in self.tasks and self.tasks[job_id] <= self.recorded and self.last[job_id].status in _ENDING_STATES
+            for job_id in self.unfinished()
+        )
+        self.schedule.asked(now, confirming)
         self.silent_since = None
         return changed
 

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -243,3 +244,20 @@ def test_status_of_an_ended_job_makes_no_round_trip_and_logs_n_0_prints_nothing(
     assert "+ ssh" not in again.stderr, again.stderr
     assert cli("logs", job_id, "-n", "0").stdout == ""
     assert cli("logs", job_id, "-n", "1").stdout == "two\n"
+
+
+def test_an_unchanged_servers_file_is_not_parsed_again_and_a_changed_one_is(profile_name, home):
+    import sl_forgery
+
+    def server_list() -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-X", "importtime", "-c", "import sl_forgery, sys; sys.exit(sl_forgery.main())"]
+        return subprocess.run([*argv, "server", "list", "--json"], capture_output=True, text=True, timeout=60)
+
+    server_list()
+    unchanged = server_list()
+    assert json.loads(unchanged.stdout)["default"] == profile_name
+    assert " yaml" not in unchanged.stderr
+    path = sl_forgery.config_path()
+    path.write_text(path.read_text().replace(f"default: {profile_name}", "default: null"))
+    changed = server_list()
+    assert json.loads(changed.stdout)["default"] is None and " yaml" in changed.stderr
