@@ -33,6 +33,7 @@ __all__ = [
     "SessionsBusy",
     "WaitTimeout",
     "UnknownJobError",
+    "JobNotRunning",
     "JupyterError",
     "Job",
     "JupyterJob",
@@ -184,6 +185,10 @@ class WaitTimeout(SlForgeryError):
     """`wait` gave up before every job ended."""
 
     exit_code = EXIT_TIMEOUT
+
+
+class JobNotRunning(SlForgeryError):
+    """A command that needs a job's node (shell, forward, code) was given a job that has ended."""
 
 
 def _truncate(text: str, limit: int = 2000) -> str:
@@ -2139,6 +2144,141 @@ def usage_settled(stdout: str) -> bool:
     )
 
 
+# -- a job's node: its address, a shell in the job, files around it, an editor on it -------------------------------
+
+
+def node_query_script(job_id: str) -> str:
+    """A remote script printing ``STATE|NODELIST`` of a job (squeue), then ``scontrol show node -o`` of its first
+    node once it has one."""
+    quoted = shlex.quote(job_id)
+    return (
+        f"info=$(squeue -h -j {quoted} -o '%T|%N' 2>/dev/null); printf '%s\\n' \"$info\"\n"
+        "nodes=${info#*|}\n"
+        'if [ -n "$nodes" ]; then scontrol show node -o "$(scontrol show hostnames "$nodes" | head -n 1)"; fi\n'
+    )
+
+
+def parse_node_query(stdout: str) -> tuple[JobStatus, dict[str, str]]:
+    r"""The job's state and its first node's ``scontrol show node -o`` fields (empty until it runs somewhere).
+
+    >>> state, node = parse_node_query("RUNNING|node[1-2]\nNodeName=node1 NodeAddr=10.0.0.1 NodeHostName=n1\n")
+    >>> state, node["NodeAddr"], node["NodeHostName"]
+    (<JobStatus.RUNNING: 'RUNNING'>, '10.0.0.1', 'n1')
+    >>> parse_node_query("\n")
+    (<JobStatus.UNKNOWN: 'UNKNOWN'>, {})
+    """
+    first, _, rest = stdout.partition("\n")
+    state = JobStatus.parse(first.partition("|")[0])
+    fields = dict(re.findall(r"(\w+)=(\S*)", rest)) if first.partition("|")[2] else {}
+    return state, fields
+
+
+def srun_shell_command(job_id: str) -> str:
+    """The remote command that opens the user's login shell inside a running job, on its first node, beside what
+    the job runs (``--overlap``), with a terminal (``--pty``)."""
+    inner = f'exec srun --jobid={shlex.quote(job_id)} --overlap --pty "${{SHELL:-/bin/bash}}" -l'
+    # The login shell runs it: sh -c keeps the syntax POSIX whatever that shell is (tcsh, fish).
+    return shlex.join(["/bin/sh", "-c", inner])
+
+
+def rsync_argv(
+    remote_shell: Sequence[str],
+    source: str,
+    destination: str,
+    *,
+    gitignore: bool = True,
+    delete: bool = False,
+    dry_run: bool = False,
+) -> list[str]:
+    """An rsync command that copies ``source`` into ``destination`` (one of them ``HOST:PATH``) through
+    ``remote_shell`` (an ssh over the master): bytes, modes and times kept, files ignored by any ``.gitignore`` on
+    the sending side left out, nothing deleted unless ``delete``; ``dry_run`` lists what would be copied."""
+    argv = ["rsync", "--archive", "--protect-args", "--rsh", shlex.join(remote_shell)]
+    if gitignore:
+        argv += ["--filter", ":- .gitignore"]
+    if delete:
+        argv.append("--delete")
+    if dry_run:
+        argv.append("--dry-run")
+    return [*argv, "--out-format=%n", "--", source, destination]
+
+
+def sync_paths(source: str, destination: str) -> tuple[str, str]:
+    """rsync copies a directory's contents, not the directory itself, when its path ends in ``/``: sync always
+    means contents into the destination directory.
+
+    >>> sync_paths("src", "lab:/w/code")
+    ('src/', 'lab:/w/code/')
+    """
+    return source.rstrip("/") + "/", destination.rstrip("/") + "/"
+
+
+HOST_ALIAS_PREFIX = "slf-"
+_ROUTING_OPTIONS = {
+    "hostname",
+    "port",
+    "proxyjump",
+    "proxycommand",
+    "controlmaster",
+    "controlpath",
+    "controlpersist",
+    "remotecommand",
+    "requesttty",
+    "localforward",
+    "remoteforward",
+    "dynamicforward",
+}
+
+
+def render_host_entry(
+    alias: str,
+    address: str,
+    port: int,
+    user: str | None,
+    proxy_argv: Sequence[str],
+    identity_file: str | None,
+    ssh_options: Sequence[str],
+    comment: str,
+) -> str:
+    """An ssh config Host block reaching a node through the master: its ProxyCommand asks the existing connection
+    for a channel to the node (``ssh -S SOCKET -W %h:%p``) instead of logging in to the login node again. The
+    profile's ssh options that say how to authenticate or check host keys carry over; those that route do not."""
+    lines = [f"# {comment}", f"Host {alias}", f"    HostName {address}", f"    Port {port}"]
+    if user:
+        lines.append(f"    User {user}")
+    if identity_file:
+        lines.append(f"    IdentityFile {identity_file}")
+    for option in ssh_options:
+        name, _, value = option.partition("=")
+        if name.strip().lower() not in _ROUTING_OPTIONS and value:
+            lines.append(f"    {name.strip()} {value.strip()}")
+    lines.append(f"    ProxyCommand {shlex.join(proxy_argv)}")
+    return "\n".join(lines) + "\n"
+
+
+def split_host_entries(text: str) -> dict[str, str]:
+    r"""The Host blocks of a file written by sl-forgery, keyed by alias (each with its comment line).
+
+    >>> list(split_host_entries("# a\nHost slf-1\n    Port 22\n# b\nHost slf-2\n    Port 22\n"))
+    ['slf-1', 'slf-2']
+    """
+    entries: dict[str, str] = {}
+    for block in re.split(r"\n(?=# )", text.strip()):
+        match = re.search(r"^Host (\S+)$", block, flags=re.MULTILINE)
+        if match:
+            entries[match.group(1)] = block.strip() + "\n"
+    return entries
+
+
+def _synced_files(rsync_output: str) -> list[str]:
+    """The files rsync's ``--out-format=%n`` lines name (directories end in ``/`` and are left out)."""
+    return [line for line in rsync_output.splitlines() if line and not line.endswith("/")]
+
+
+def include_line(path: str | os.PathLike[str]) -> str:
+    return f"Include {shlex.quote(os.fspath(path))}"
+
+
 # ======================================================================================================================
 # Local state: config file, job history, keyring, legacy credentials
 # ======================================================================================================================
@@ -2325,6 +2465,7 @@ PROFILE_KEYS = {
     "account": "default account",
     "control_persist": "seconds an idle connection stays open",
     "notify": "true: a desktop notification when a job waited for ends (as --notify)",
+    "node_ssh_port": "port of sshd on the compute nodes, for 'code' (default 22)",
 }
 
 
@@ -2345,7 +2486,7 @@ def profile_name_problem(name: object) -> str | None:
 def profile_field_problem(key: str, value: object, label: str = "") -> str | None:
     """Why ``value`` cannot be a profile's ``key`` (see PROFILE_KEYS), or None; ``label`` names it in the message."""
     label = label or key
-    if key == "port":
+    if key in ("port", "node_ssh_port"):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             return f"{label} must be a whole number from 1 to 65535, not {value!r}"
     elif key == "control_persist":
@@ -2412,6 +2553,7 @@ class Profile:
         notify: bool = False,
         env_manager: str | None = None,
         setup: list[str] | None = None,
+        node_ssh_port: int | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -2431,6 +2573,7 @@ class Profile:
         self.notify = notify
         self.env_manager = env_manager
         self.setup = list(setup or [])
+        self.node_ssh_port = node_ssh_port
         self.legacy_credentials = legacy_credentials  # a legacy file that still holds a plaintext password
 
     @property
@@ -2832,6 +2975,73 @@ def update_jupyter_records(change: Callable[[dict[str, dict[str, Any]]], None]) 
     run_exclusively(f"{jupyter_records_path()}.lock", update)
 
 
+def forward_records_path() -> Path:
+    return state_dir() / "forwards.json"
+
+
+def load_forward_records() -> dict[str, dict[str, Any]]:
+    """Forwards to jobs' ports made from this machine, keyed by local port."""
+    import json
+
+    try:
+        return dict(json.loads(forward_records_path().read_text(encoding="utf-8")))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def update_forward_records(change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+    import json
+
+    def update() -> None:
+        records = load_forward_records()
+        change(records)
+        write_private_file(forward_records_path(), json.dumps(records, indent=1))
+
+    _private_dir(state_dir())
+    run_exclusively(f"{forward_records_path()}.lock", update)
+
+
+def host_entries_path() -> Path:
+    """The ssh config file sl-forgery owns, beside the servers file: one Host entry per job opened with 'code'."""
+    return config_path().parent / "nodes.ssh_config"
+
+
+def update_host_entries(change: Callable[[dict[str, str]], None]) -> None:
+    path = host_entries_path()
+
+    def update() -> None:
+        entries = split_host_entries(path.read_text(encoding="utf-8")) if path.exists() else {}
+        change(entries)
+        header = "# Written by sl-forgery ('sl-forgery code'); entries go when their jobs end ('code --cleanup').\n"
+        write_private_file(path, header + "".join(f"\n{entry}" for entry in entries.values()))
+
+    _private_dir(path.parent)
+    run_exclusively(f"{path}.lock", update)
+
+
+def user_ssh_config(profile: Profile) -> Path:
+    """The ssh config file plain ssh (and so an editor) reads for this server."""
+    configured = profile.ssh_config or os.environ.get("SL_FORGERY_SSH_CONFIG")
+    return Path(os.path.expanduser(configured or "~/.ssh/config"))
+
+
+def add_include(ssh_config: Path, included: Path) -> bool:
+    """Put an Include of ``included`` at the top of an ssh config file (an Include below a Host line would only
+    apply to that host); False when it is there already."""
+    line = include_line(included)
+    text = ssh_config.read_text(encoding="utf-8") if ssh_config.exists() else ""
+    if line in text.splitlines():
+        return False
+    _private_dir(ssh_config.parent)
+    descriptor = os.open(ssh_config, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(descriptor)
+    temporary = ssh_config.with_name(f".{ssh_config.name}.{os.getpid()}.tmp")
+    temporary.write_text(f"{line}\n{text}", encoding="utf-8")
+    os.chmod(temporary, ssh_config.stat().st_mode & 0o777)
+    os.replace(temporary, ssh_config)
+    return True
+
+
 _INSECURE_BACKENDS = ("keyring.backends.fail", "keyring.backends.null", "keyrings.alt")
 
 
@@ -3208,6 +3418,27 @@ def _run(
     if check and result.returncode != 0:
         raise error(argv, result.returncode, result.stdout, result.stderr, what=what)
     return result
+
+
+def wait_for_port(local_port: int, timeout: float, what: str) -> None:
+    """Block until a forwarded local port leads to something that listens: through a forward to a closed port,
+    ssh accepts the connection and closes it at once; an open one keeps it (or answers)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", local_port), timeout=5) as probe:
+                probe.settimeout(1.0)
+                if probe.recv(1):
+                    return
+        except TimeoutError:
+            return  # still open after a second: a server waiting for its client to speak first
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise SlForgeryError(f"nothing answers on {what} within {timeout:g} s; is the program there listening?")
+        time.sleep(0.3)
 
 
 def free_local_port() -> int:
@@ -3681,6 +3912,44 @@ class SSHConnection:
         result = _run([*argv, "true"], timeout=60, error=SSHError, what="logging in with the new key")
         if f"Server accepts key: {key}" not in result.stderr and fingerprint not in result.stderr:
             raise SSHError(argv, 0, "", f"the server did not accept {key} itself", what="logging in with the new key")
+
+    # -- other programs riding the master -------------------------------------------------------------------------
+
+    def remote_shell_argv(self) -> list[str]:
+        """An ssh command without its destination that rides the master and nothing else: rsync's --rsh (rsync adds
+        the host and its own remote command)."""
+        return ["ssh", *self._guard_args(), *self._mux_args(), *self._target_args(), "-T"]
+
+    def proxy_argv(self) -> list[str]:
+        """A ProxyCommand that opens a channel to ``%h:%p`` through the running master: no new login. The socket
+        is named by its resolved path, since ssh expands the ``%`` tokens of a ProxyCommand for the other host."""
+        argv = ["ssh", *self._guard_args(), "-S", self.socket_path(), *self._target_args()]
+        return [arg.replace("%", "%%") for arg in argv] + ["-W", "%h:%p", "--", self.profile.host.replace("%", "%%")]
+
+    def interactive(self, command: str) -> int:
+        """Run a remote command on a terminal of its own (``ssh -tt``), wired to this terminal; its exit code."""
+        import subprocess
+
+        self.ensure_connected()
+        argv = ["ssh", *self._guard_args(), *self._mux_args(), *self._target_args(), "-tt", "--"]
+        argv += [self.profile.host, command]
+        self._log(argv)
+        return subprocess.run(argv).returncode
+
+    def rsync(self, argv: Sequence[str]) -> subprocess.CompletedProcess:
+        """Run rsync whose --rsh is `remote_shell_argv`; a failure raises `CommandError` with its stderr."""
+        self.ensure_connected()
+        self._log(argv)
+        result = _run(argv, timeout=None)
+        if result.returncode != 0:
+            raise CommandError(argv, result.returncode, result.stdout, result.stderr, what="rsync")
+        return result
+
+    def probe_host(self, ssh_config: Path, alias: str) -> subprocess.CompletedProcess:
+        """Log in to a Host entry of an ssh config file without any prompt, as an editor would, and run ``true``."""
+        argv = ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "--", alias, "true"]
+        self._log(argv)
+        return _run(argv, timeout=60)
 
 
 # ======================================================================================================================
@@ -4602,6 +4871,243 @@ class Server:
             )
         return {task_id: usages[task_id] for job_id in ids for task_id in _task_ids(job_id, usages)}
 
+    # -- a job's node -----------------------------------------------------------------------------------------------
+
+    def job_node(
+        self, job_id: str | int, timeout: float | None = None, on_change: Callable[[JobInfo], None] | None = None
+    ) -> dict[str, str]:
+        """The first node of a running job, as ``scontrol show node`` describes it (``NodeName``, ``NodeAddr``,
+        ``NodeHostName``...). A pending job is waited for, at most ``timeout`` seconds (`WaitTimeout`); a job that
+        has ended raises `JobNotRunning`."""
+        job_id = normalize_job_id(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            state, node = parse_node_query(self.connection.run(node_query_script(job_id), what="squeue").stdout)
+            if state is JobStatus.RUNNING and node:
+                return node
+            if state is JobStatus.UNKNOWN or state.is_finished:
+                info = self.job_info([job_id])[job_id]
+                if info.status is JobStatus.UNKNOWN:
+                    raise UnknownJobError(f"job {job_id} is unknown to squeue and sacct on {self.profile.name!r}")
+                if info.status.is_finished:
+                    raise JobNotRunning(f"job {job_id} has ended ({info.status}): it holds no node any more")
+                state = info.status
+            if on_change and state is not last:
+                on_change(JobInfo(job_id, state))
+            last = state
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} is still {state} after {timeout:g} s")
+            time.sleep(1.0)
+
+    def start_holding_job(
+        self,
+        *,
+        name: str = "shell",
+        cpus: int = 1,
+        ram_gb: float = 4,
+        time_limit: int = 60,
+        partition: str | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        gpus: str | None = None,
+        working_directory: str | None = None,
+    ) -> Job:
+        """Submit a job that only holds its resources (sleeps until cancelled or out of time), for a shell or an
+        editor to attach to: a batch job, so that a dropped connection does not end it."""
+        directory = working_directory or self.default_job_directory(name)
+        job = Job(
+            name,
+            f"{directory}/output.log",
+            f"{directory}/error.log",
+            directory,
+            cpus_to_use=cpus,
+            ram_gb=ram_gb,
+            time_limit=time_limit,
+            partition=partition or self.profile.partition,
+            account=account or self.profile.account,
+            qos=qos,
+            gpus=gpus,
+        )
+        job.add_command("sleep infinity")
+        return self.submit_job(job)
+
+    def shell(self, job_id: str | int, on_change: Callable[[JobInfo], None] | None = None) -> int:
+        """An interactive login shell inside a running job (``srun --overlap --pty`` over the master, on this
+        terminal), once the job runs; returns the shell's exit code."""
+        job_id = normalize_job_id(job_id)
+        self.job_node(job_id, on_change=on_change)
+        return self.connection.interactive(srun_shell_command(job_id))
+
+    # -- ports of a job's node ----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        job_id: str | int,
+        port: int,
+        local_port: int | None = None,
+        *,
+        timeout: float = 60,
+        on_change: Callable[[JobInfo], None] | None = None,
+    ) -> dict[str, Any]:
+        """Forward a local port (``local_port``, else a free one) over the master to ``port`` on the job's node,
+        once something listens there; returns its record (``local_port``, ``host``, ``url``...)."""
+        job_id = normalize_job_id(job_id)
+        port = _check_int("port", port)
+        node = self.job_node(job_id, timeout=timeout, on_change=on_change)
+        host = node.get("NodeAddr") or node["NodeName"]
+        if local_port is not None:
+            if not self.connection.forward(_check_int("--local port", local_port), host, port):
+                raise UsageError(f"local port {local_port} is taken; pick another with --local, or leave it out")
+        else:
+            for candidate in (free_local_port() for _ in range(5)):
+                if self.connection.forward(candidate, host, port):
+                    local_port = candidate
+                    break
+            else:
+                raise SSHError(["ssh", "-O", "forward"], 255, "", "no free local port could be forwarded")
+        try:
+            wait_for_port(local_port, timeout, f"port {port} of job {job_id}'s node {node['NodeName']}")
+        except BaseException:
+            self.connection.forward(local_port, host, port, cancel=True)
+            raise
+        record = {
+            "server": self.profile.name,
+            "job_id": job_id,
+            "node": node["NodeName"],
+            "host": host,
+            "port": port,
+            "local_port": local_port,
+            "url": f"http://127.0.0.1:{local_port}/",
+        }
+        update_forward_records(lambda records: records.update({str(local_port): record}))
+        return record
+
+    def forwards(self) -> list[dict[str, Any]]:
+        """The forwards made from here to this server's jobs that still run (those of ended jobs are removed)."""
+        records = [record for record in load_forward_records().values() if record["server"] == self.profile.name]
+        if not records:
+            return []
+        infos = self.job_info(sorted({record["job_id"] for record in records}))
+        ended = [record for record in records if infos[record["job_id"]].status.is_finished]
+        for record in ended:
+            self._cancel_forward(record)
+        return [{**record, "state": infos[record["job_id"]].status.value} for record in records if record not in ended]
+
+    def stop_forward(self, job_id: str | int, port: int | None = None) -> list[dict[str, Any]]:
+        """Remove the forwards made from here to a job (to one of its ports, with ``port``); returns them."""
+        job_id = normalize_job_id(job_id)
+        records = [
+            record
+            for record in load_forward_records().values()
+            if record["server"] == self.profile.name
+            and record["job_id"] == job_id
+            and (port is None or record["port"] == port)
+        ]
+        for record in records:
+            self._cancel_forward(record)
+        return records
+
+    def _cancel_forward(self, record: Mapping[str, Any]) -> None:
+        self.connection.forward(record["local_port"], record["host"], record["port"], cancel=True)
+        update_forward_records(lambda records: records.pop(str(record["local_port"]), None))
+
+    # -- files around a job ---------------------------------------------------------------------------------------
+
+    def sync_up(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        gitignore: bool = True,
+        delete: bool = False,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Copy a local directory's contents (or a file) into a remote directory with rsync over the master, made if
+        missing; returns the paths copied (with ``dry_run``, those that would be)."""
+        source = Path(local)
+        if not source.exists():
+            raise UsageError(f"{source} does not exist; give a local directory or file to send")
+        remote = _remote_path("remote directory", remote)
+        if not dry_run:
+            self.create_directory(remote)
+        spec = self.connection.remote_spec(remote)
+        source_text, destination = sync_paths(os.fspath(source), spec)
+        if source.is_file():
+            source_text = os.fspath(source)
+        argv = rsync_argv(
+            self.connection.remote_shell_argv(),
+            source_text,
+            destination,
+            gitignore=gitignore,
+            delete=delete,
+            dry_run=dry_run,
+        )
+        return _synced_files(self.connection.rsync(argv).stdout)
+
+    def sync_down(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        gitignore: bool = True,
+        delete: bool = False,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Copy a remote directory's contents into a local directory (made if missing) with rsync over the master;
+        returns the paths copied (with ``dry_run``, those that would be)."""
+        remote = _remote_path("remote directory", remote)
+        destination = Path(local)
+        if not dry_run:
+            destination.mkdir(parents=True, exist_ok=True)
+        source, target = sync_paths(self.connection.remote_spec(remote), os.fspath(destination))
+        argv = rsync_argv(
+            self.connection.remote_shell_argv(), source, target, gitignore=gitignore, delete=delete, dry_run=dry_run
+        )
+        return _synced_files(self.connection.rsync(argv).stdout)
+
+    # -- an editor on a job's node ------------------------------------------------------------------------------------
+
+    def code_host(
+        self, job_id: str | int, timeout: float | None = None, on_change: Callable[[JobInfo], None] | None = None
+    ) -> str:
+        """Write a Host entry ``slf-JOBID`` for the job's node into `host_entries_path` (entries of this server's
+        ended jobs go at the same time); returns the alias. Its ProxyCommand rides the master."""
+        job_id = normalize_job_id(job_id)
+        self.cleanup_code_hosts()
+        node = self.job_node(job_id, timeout=timeout, on_change=on_change)
+        alias = f"{HOST_ALIAS_PREFIX}{job_id}"
+        entry = render_host_entry(
+            alias,
+            node.get("NodeAddr") or node["NodeName"],
+            self.profile.node_ssh_port or DEFAULT_PORT,
+            self.profile.user,
+            self.connection.proxy_argv(),
+            os.path.expanduser(self.profile.identity_file) if self.profile.identity_file else None,
+            self.profile.ssh_options,
+            f"sl-forgery: job {job_id} on server {self.profile.name}, node {node['NodeName']}",
+        )
+        update_host_entries(lambda entries: entries.update({alias: entry}))
+        return alias
+
+    def cleanup_code_hosts(self) -> list[str]:
+        """Remove the Host entries of this server's jobs that have ended; returns their aliases."""
+        path = host_entries_path()
+        if not path.exists():
+            return []
+        owned = {
+            alias: alias.removeprefix(HOST_ALIAS_PREFIX)
+            for alias, entry in split_host_entries(path.read_text(encoding="utf-8")).items()
+            if f" on server {self.profile.name}," in entry.splitlines()[0]
+        }
+        if not owned:
+            return []
+        infos = self.job_info(sorted(set(owned.values())))
+        gone = [alias for alias, job_id in owned.items() if infos[job_id].status.is_finished]
+        if gone:
+            update_host_entries(lambda entries: [entries.pop(alias, None) for alias in gone])
+        return gone
+
 
 SERVER_CHECK_NAMES = ("login shell", "slurm", "accounting", "modules", "environment")
 ACCOUNTING_OFF_DETAIL = (
@@ -4761,6 +5267,29 @@ JSON_SCHEMAS = {
                     "properties": {
                         field: {"type": kind} if isinstance(kind, str) else {"type": list(kind)}
                         for field, kind in _USAGE_FIELD_TYPES.items()
+                    },
+                },
+            }
+        },
+    },
+    "forwards": {
+        "type": "object",
+        "required": ["forwards"],
+        "properties": {
+            "forwards": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["server", "job_id", "state", "node", "host", "port", "local_port", "url"],
+                    "properties": {
+                        "server": {"type": "string"},
+                        "job_id": {"type": "string"},
+                        "state": {"enum": [status.value for status in JobStatus]},
+                        "node": {"type": "string"},
+                        "host": {"type": "string"},
+                        "port": {"type": "integer"},
+                        "local_port": {"type": "integer"},
+                        "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/$"},
                     },
                 },
             }
@@ -4927,9 +5456,27 @@ def _check_end_flags(args: Any) -> None:
         ("--on-end", args.on_end),
         ("--report", args.report),
         ("--cancel-impossible", args.cancel_impossible),
+        ("--sync-down", getattr(args, "sync_down", None)),
     ):
         if value:
             raise UsageError(f"{flag} acts when the job ends: add --wait")
+
+
+def _sync_around(server: Server, args: Any, workdir: str, before: bool) -> None:
+    """--sync-up DIR into the job's working directory before it is submitted; --sync-down DIR after its end."""
+    if before and args.sync_up:
+        files = server.sync_up(args.sync_up, workdir)
+        _say(args, f"{len(files)} file(s) of {args.sync_up} copied to {workdir}")
+    if not before and args.sync_down:
+        files = server.sync_down(workdir, args.sync_down)
+        _say(args, f"{len(files)} file(s) of {workdir} copied to {args.sync_down}")
+
+
+def _dry_run_sync_note(args: Any, workdir: str) -> None:
+    if args.sync_up:
+        print(f"# would first copy {args.sync_up} into {workdir}", file=sys.stderr)
+    if args.sync_down:
+        print(f"# and after the job's end copy {workdir} into {args.sync_down}", file=sys.stderr)
 
 
 def _announce_end(server: Server, infos: Sequence[JobInfo], args: Any) -> None:
@@ -5032,10 +5579,18 @@ def cmd_submit(args: Any) -> int:
         home=_plan_home(server, args.dry_run),
     )
     if args.dry_run:
+        _dry_run_sync_note(args, plan.record.working_directory)
         return _print_dry_run(server, plan)
+    workdir = plan.record.working_directory
+    _sync_around(server, args, workdir, before=True)
     job_id = server.submit_plan(plan)
     print(job_id, flush=True)
-    return _wait_and_report(server, [job_id], args) if args.wait else EXIT_OK
+    if not args.wait:
+        return EXIT_OK
+    code = _wait_and_report(server, [job_id], args)
+    if code != EXIT_INTERRUPTED:
+        _sync_around(server, args, workdir, before=False)
+    return code
 
 
 def _environment_arguments(args: Any, profile: Profile) -> dict[str, Any]:
@@ -5081,7 +5636,10 @@ def cmd_run(args: Any) -> int:
     server = _dry_run_server(args) if args.dry_run else _open_server(args)
     job = _job_from_args(args, server, command)
     if args.dry_run:
+        _dry_run_sync_note(args, job.working_directory)
         return _print_dry_run(server, server.plan_job(job))
+    workdir = job.working_directory
+    _sync_around(server, args, workdir, before=True)
     server.submit_job(job)
     assert job.job_id is not None
     print(job.job_id, flush=True)
@@ -5094,7 +5652,10 @@ def cmd_run(args: Any) -> int:
         except SlForgeryError as error:
             print(f"{APP_NAME}: warning: cannot read the output log: {str(error).splitlines()[0]}", file=sys.stderr)
 
-    return _wait_and_report(server, [job.job_id], args, show_output)
+    code = _wait_and_report(server, [job.job_id], args, show_output)
+    if code != EXIT_INTERRUPTED:
+        _sync_around(server, args, workdir, before=False)
+    return code
 
 
 def cmd_wait(args: Any) -> int:
@@ -5110,6 +5671,172 @@ def cmd_report(args: Any) -> int:
     else:
         _print_report(usages.values())
     return EXIT_OK
+
+
+def _ask(question: str) -> bool:
+    """A yes/no question on the terminal; False (no) when there is no terminal to ask on."""
+    if not sys.stdin.isatty():
+        return False
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _state_line(args: Any) -> Callable[[JobInfo], None]:
+    """Progress while a job needed by an interactive command is pending: one plain line per change."""
+
+    def show(info: JobInfo) -> None:
+        if not args.quiet:
+            reason = f" ({info.reason})" if info.reason else ""
+            print(f"job {info.job_id} is {info.status}{reason}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _holding_job(server: Server, args: Any, name: str) -> Job:
+    """The job a shell or an editor attaches to when no JOBID is given, from the resource flags."""
+    job = server.start_holding_job(
+        name=args.name or name,
+        cpus=1 if args.cpus is None else args.cpus,
+        ram_gb=4 if args.mem is None else args.mem,
+        time_limit=60 if args.time is None else args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        gpus=args.gpus,
+        working_directory=args.workdir,
+    )
+    _say(args, f"job {job.job_id} holds the resources for this {name}")
+    return job
+
+
+def _refuse_resources_with_job_id(args: Any) -> None:
+    given = [
+        f"--{flag}"
+        for flag in ("cpus", "mem", "time", "partition", "account", "qos", "gpus", "name", "workdir")
+        if getattr(args, flag) is not None
+    ]
+    if given:
+        raise UsageError(f"{given[0]} is for a new job; with a JOBID the job's own resources hold")
+
+
+def cmd_shell(args: Any) -> int:
+    _check_resource_flags(args)
+    server = _open_server(args)
+    if args.job_id:
+        _refuse_resources_with_job_id(args)
+        return server.shell(args.job_id, on_change=_state_line(args))
+    job = _holding_job(server, args, "shell")
+    assert job.job_id is not None
+    try:
+        code = server.shell(job.job_id, on_change=_state_line(args))
+    except BaseException:
+        server.cancel([job.job_id])
+        raise
+    if args.keep or (not args.cancel and _ask(f"keep job {job.job_id} running for later?")):
+        _say(
+            args,
+            f"job {job.job_id} keeps running: 'sl-forgery shell {job.job_id}' attaches again, "
+            f"'sl-forgery cancel {job.job_id}' ends it",
+        )
+    else:
+        server.cancel([job.job_id])
+        _say(args, f"cancelled job {job.job_id}")
+    return code
+
+
+def cmd_forward(args: Any) -> int:
+    server = _open_server(args)
+    if args.list:
+        records = server.forwards()
+        if args.json:
+            _print_json({"forwards": records})
+        else:
+            rows = [[r["job_id"], JobStatus.parse(r["state"]), r["node"], r["port"], r["url"]] for r in records]
+            _print_table(["JOBID", "STATE", "NODE", "PORT", "URL"], rows)
+        return EXIT_OK
+    if not args.job_id:
+        raise UsageError("forward needs a JOBID and a PORT on its node, e.g. 'sl-forgery forward 1234 6006'")
+    if args.stop:
+        stopped = server.stop_forward(args.job_id, args.port)
+        if not stopped:
+            raise UsageError(f"no forward from here to job {args.job_id} (see 'sl-forgery forward --list')")
+        return _say(args, "removed " + ", ".join(f"{r['url']} -> {r['node']}:{r['port']}" for r in stopped))
+    if args.port is None:
+        raise UsageError("forward needs the PORT on the job's node, e.g. 'sl-forgery forward 1234 6006'")
+    record = server.forward(args.job_id, args.port, args.local, timeout=args.wait_timeout, on_change=_state_line(args))
+    if args.json:
+        _print_json(record)
+    else:
+        print(record["url"], flush=True)
+    job_id = record["job_id"]
+    if args.detach:
+        return _say(
+            args,
+            f"the forward lasts while the shared connection is open; 'sl-forgery forward --stop {job_id}' removes it",
+        )
+    _say(args, f"forwarding to port {record['port']} of job {job_id} on {record['node']}; Ctrl-C stops")
+    try:
+        infos = server.wait([job_id])
+    except KeyboardInterrupt:
+        server.stop_forward(job_id, record["port"])
+        print(f"\n{APP_NAME}: removed the forward to job {job_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    server.stop_forward(job_id, record["port"])
+    return _say(args, f"job {job_id} ended ({infos[job_id].status}); the forward is gone")
+
+
+def cmd_sync(args: Any) -> int:
+    server = _open_server(args)
+    options = {"gitignore": not args.no_gitignore, "delete": args.delete, "dry_run": args.dry_run}
+    if args.direction == "up":
+        files = server.sync_up(args.source, args.destination, **options)
+    else:
+        files = server.sync_down(args.source, args.destination, **options)
+    if args.dry_run:
+        for name in files:
+            print(name)
+        return _say(args, f"{len(files)} file(s) would be copied to {args.destination}")
+    return _say(args, f"{len(files)} file(s) copied to {args.destination}")
+
+
+def cmd_code(args: Any) -> int:
+    import shutil
+    import subprocess
+
+    _check_resource_flags(args)
+    server = _open_server(args)
+    if args.cleanup:
+        gone = server.cleanup_code_hosts()
+        return _say(args, f"removed {', '.join(gone)}" if gone else "no Host entry of an ended job to remove")
+    if args.job_id:
+        _refuse_resources_with_job_id(args)
+        job_id = normalize_job_id(args.job_id)
+    else:
+        job_id = _holding_job(server, args, "editor").job_id or ""
+    alias = server.code_host(job_id, on_change=_state_line(args))
+    entries, ssh_config = host_entries_path(), user_ssh_config(server.profile)
+    line = include_line(entries)
+    included = ssh_config.exists() and line in ssh_config.read_text(encoding="utf-8").splitlines()
+    if not included and (args.include or _ask(f"add '{line}' at the top of {ssh_config}?")):
+        add_include(ssh_config, entries)
+        included = True
+    probe = server.connection.probe_host(ssh_config if included else entries, alias)
+    if probe.returncode != 0:
+        problem = (probe.stderr.strip().splitlines() or ["no reason given"])[-1]
+        if "Host key verification failed" in probe.stderr:
+            hint = f"the node's host key is not known here yet: run 'ssh {alias}' once to check and accept it"
+        else:
+            hint = (
+                f"the site may not allow ssh into compute nodes; 'sl-forgery shell {job_id}' gives a shell in the job"
+            )
+        raise SlForgeryError(f"ssh to job {job_id}'s node through the connection failed ({problem}): {hint}")
+    print(alias, flush=True)
+    if not included:
+        print(f"for your editor to find {alias}, add this line at the top of {ssh_config}:\n  {line}", file=sys.stderr)
+    editor = ["code", "--remote", f"ssh-remote+{alias}", args.path or server.remote_home()]
+    if included and shutil.which("code"):
+        return subprocess.run(editor).returncode
+    return _say(args, f"open it with: {shlex.join(editor)}   (or: ssh {alias})")
 
 
 def _recent_ids(server: Server, count: int = 10) -> list[str]:
@@ -5804,8 +6531,12 @@ def get_parser() -> Any:
         action="store_true",
         help="cancel a job that can never start as submitted (exit 78 either way)",
     )
+    sync_options = argparse.ArgumentParser(add_help=False)
+    group = sync_options.add_argument_group("files around the job (rsync over the shared connection)")
+    group.add_argument("--sync-up", metavar="DIR", help="copy DIR into the job's working directory before it starts")
+    group.add_argument("--sync-down", metavar="DIR", help="with --wait: copy the job's working directory into DIR")
 
-    sub = command("submit", cmd_submit, "submit a local batch script; prints the job id", end_options)
+    sub = command("submit", cmd_submit, "submit a local batch script; prints the job id", end_options, sync_options)
     sub.add_argument("script", metavar="SCRIPT").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     _add_resource_options(sub)
     _add_setup_option(sub)
@@ -5813,7 +6544,7 @@ def get_parser() -> Any:
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
     sub.add_argument("--dry-run", action="store_true", help="print what would be submitted; connect to nothing")
 
-    sub = command("run", cmd_run, "run a command as a batch job, as if it ran here", end_options)
+    sub = command("run", cmd_run, "run a command as a batch job, as if it ran here", end_options, sync_options)
     _add_environment_options(sub, "environment to activate: a conda environment, or a venv, uv or pixi path")
     _add_resource_options(sub)
     sub.add_argument("--wait", action="store_true", help="follow the job, print its output, exit with its code")
@@ -5832,6 +6563,45 @@ def get_parser() -> Any:
         "report", cmd_report, "elapsed vs limit, CPU use, peak vs asked memory of jobs, with a suggestion", json_flag
     )
     sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+
+    sub = command("shell", cmd_shell, "a login shell inside a running job, or in a new job holding resources")
+    sub.add_argument("job_id", nargs="?", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+    _add_resource_options(sub)
+    after = sub.add_mutually_exclusive_group()
+    after.add_argument("--keep", action="store_true", help="leave a job started for the shell running after it")
+    after.add_argument("--cancel", action="store_true", help="cancel a job started for the shell after it (default)")
+
+    sub = command("forward", cmd_forward, "forward a local port to a port of a job's node; prints its URL", json_flag)
+    sub.add_argument("job_id", nargs="?", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+    sub.add_argument("port", nargs="?", type=int, metavar="PORT", help="the port on the job's node")
+    sub.add_argument("--local", type=int, metavar="PORT", help="this local port (default: a free one)")
+    sub.add_argument("--list", action="store_true", help="the forwards made from here to running jobs")
+    sub.add_argument("--stop", action="store_true", help="remove the forwards to JOBID (to PORT, if given)")
+    sub.add_argument("--detach", action="store_true", help="return at once; the forward stays in the connection")
+    sub.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=60,
+        metavar="SECONDS",
+        help="how long the job may take to start and its port to listen (default 60)",
+    )
+
+    sub = command("sync", cmd_sync, "copy a directory up to the server or down from it (rsync over the connection)")
+    sub.add_argument("direction", choices=("up", "down"))
+    sub.add_argument("source", metavar="FROM", help="a local path (up) or a path on the server (down)")
+    sub.add_argument("destination", metavar="TO", help="a directory on the server (up) or here (down)")
+    sub.add_argument("-n", "--dry-run", action="store_true", help="list the files that would be copied")
+    sub.add_argument("--delete", action="store_true", help="also delete files in TO that FROM does not have")
+    sub.add_argument("--no-gitignore", action="store_true", help="copy what .gitignore files exclude, too")
+
+    sub = command("code", cmd_code, "VS Code (or any ssh editor) on a job's node, through the shared connection")
+    sub.add_argument("job_id", nargs="?", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+    sub.add_argument("path", nargs="?", metavar="PATH", help="folder on the node to open (default: your home)")
+    _add_resource_options(sub)
+    sub.add_argument(
+        "--include", action="store_true", help="add the Include of sl-forgery's Host entries to your ssh config"
+    )
+    sub.add_argument("--cleanup", action="store_true", help="remove the Host entries of jobs that have ended")
 
     sub = command("cancel", cmd_cancel, "cancel jobs")
     sub.add_argument("job_ids", nargs="+", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
