@@ -2173,10 +2173,18 @@ def parse_node_query(stdout: str) -> tuple[JobStatus, dict[str, str]]:
     return state, fields
 
 
-def srun_shell_command(job_id: str) -> str:
+def srun_shell_command(job_id: str, prelude: Sequence[str] = ()) -> str:
     """The remote command that opens the user's login shell inside a running job, on its first node, beside what
-    the job runs (``--overlap``), with a terminal (``--pty``)."""
-    inner = f'exec srun --jobid={shlex.quote(job_id)} --overlap --pty "${{SHELL:-/bin/bash}}" -l'
+    the job runs (``--overlap``), with a terminal (``--pty``). With ``prelude`` (set-up and activation lines) the
+    shell is an interactive bash that runs them after the user's own ~/.bashrc."""
+    srun = ["srun", f"--jobid={job_id}", "--overlap", "--pty"]
+    if prelude:
+        # The lines are written on the node, where the shell runs; `set +e`, since set-up lines may turn it on.
+        rcfile = "\n".join(["[ -f ~/.bashrc ] && . ~/.bashrc", *prelude, "set +e"])
+        node_side = "exec bash --rcfile <(printf '%s\\n' \"$1\") -i"
+        inner = shlex.join(["exec", *srun, "bash", "-c", node_side, "bash", rcfile])
+    else:
+        inner = f'exec {shlex.join(srun)} "${{SHELL:-/bin/bash}}" -l'
     # The login shell runs it: sh -c keeps the syntax POSIX whatever that shell is (tcsh, fish).
     return shlex.join(["/bin/sh", "-c", inner])
 
@@ -4932,12 +4940,21 @@ class Server:
         job.add_command("sleep infinity")
         return self.submit_job(job)
 
-    def shell(self, job_id: str | int, on_change: Callable[[JobInfo], None] | None = None) -> int:
+    def shell(
+        self,
+        job_id: str | int,
+        environment: str | None = None,
+        env_manager: str | None = None,
+        setup: Sequence[str] = (),
+        on_change: Callable[[JobInfo], None] | None = None,
+    ) -> int:
         """An interactive login shell inside a running job (``srun --overlap --pty`` over the master, on this
-        terminal), once the job runs; returns the shell's exit code."""
+        terminal), once the job runs; returns the shell's exit code. With set-up lines or an environment, an
+        interactive bash runs them first, as a job's script would."""
         job_id = normalize_job_id(job_id)
+        prelude = render_setup(setup) + (render_activation(environment, env_manager) if environment else [])
         self.job_node(job_id, on_change=on_change)
-        return self.connection.interactive(srun_shell_command(job_id))
+        return self.connection.interactive(srun_shell_command(job_id, prelude))
 
     # -- ports of a job's node ----------------------------------------------------------------------------------------
 
@@ -5722,13 +5739,20 @@ def _refuse_resources_with_job_id(args: Any) -> None:
 def cmd_shell(args: Any) -> int:
     _check_resource_flags(args)
     server = _open_server(args)
+    environment = _environment_arguments(args, server.profile)
+    shell_options = {
+        "environment": environment["conda_environment"],
+        "env_manager": environment["env_manager"],
+        "setup": environment["setup"],
+        "on_change": _state_line(args),
+    }
     if args.job_id:
         _refuse_resources_with_job_id(args)
-        return server.shell(args.job_id, on_change=_state_line(args))
+        return server.shell(args.job_id, **shell_options)
     job = _holding_job(server, args, "shell")
     assert job.job_id is not None
     try:
-        code = server.shell(job.job_id, on_change=_state_line(args))
+        code = server.shell(job.job_id, **shell_options)
     except BaseException:
         server.cancel([job.job_id])
         raise
@@ -6566,6 +6590,7 @@ def get_parser() -> Any:
 
     sub = command("shell", cmd_shell, "a login shell inside a running job, or in a new job holding resources")
     sub.add_argument("job_id", nargs="?", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
+    _add_environment_options(sub, "environment to activate in the shell (which is then bash)")
     _add_resource_options(sub)
     after = sub.add_mutually_exclusive_group()
     after.add_argument("--keep", action="store_true", help="leave a job started for the shell running after it")

@@ -9,18 +9,12 @@ _shtab_sl_forgery_server_subparsers=(add list show remove default check setup-ke
 _shtab_sl_forgery_jupyter_subparsers=(list connect stop)
 _shtab_sl_forgery_subparsers=(submit run wait status report shell forward sync code cancel logs queue history connect disconnect check doctor server jupyter completion)
 
-<<<<<<< HEAD
-_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cancel-impossible --name --workdir --cpus --mem --time --partition --account --qos --gpus --setup --wait --timeout --dry-run)
-_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cancel-impossible --env --env-manager --setup --name --workdir --cpus --mem --time --partition --account --qos --gpus --wait --timeout --dry-run)
+_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cancel-impossible --sync-up --sync-down --name --workdir --cpus --mem --time --partition --account --qos --gpus --setup --wait --timeout --dry-run)
+_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --cancel-impossible --sync-up --sync-down --env --env-manager --setup --name --workdir --cpus --mem --time --partition --account --qos --gpus --wait --timeout --dry-run)
 _shtab_sl_forgery_wait_option_strings=(-h --help -s --server -v --verbose -q --quiet --json --notify --no-notify --on-end --report --cancel-impossible --timeout)
-=======
-_shtab_sl_forgery_submit_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --sync-up --sync-down --name --workdir --cpus --mem --time --partition --account --qos --gpus --setup --wait --timeout --dry-run)
-_shtab_sl_forgery_run_option_strings=(-h --help -s --server -v --verbose -q --quiet --notify --no-notify --on-end --report --sync-up --sync-down --env --env-manager --setup --name --workdir --cpus --mem --time --partition --account --qos --gpus --wait --timeout --dry-run)
-_shtab_sl_forgery_wait_option_strings=(-h --help -s --server -v --verbose -q --quiet --json --notify --no-notify --on-end --report --timeout)
->>>>>>> 4c6d02e (shell, forward, sync and code: a shell in a job on a real terminal, a job's port here, rsync around a job, and an editor's ssh to the node, all over the shared connection)
 _shtab_sl_forgery_status_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
 _shtab_sl_forgery_report_option_strings=(-h --help -s --server -v --verbose -q --quiet --json)
-_shtab_sl_forgery_shell_option_strings=(-h --help -s --server -v --verbose -q --quiet --name --workdir --cpus --mem --time --partition --account --qos --gpus --keep --cancel)
+_shtab_sl_forgery_shell_option_strings=(-h --help -s --server -v --verbose -q --quiet --env --env-manager --setup --name --workdir --cpus --mem --time --partition --account --qos --gpus --keep --cancel)
 _shtab_sl_forgery_forward_option_strings=(-h --help -s --server -v --verbose -q --quiet --json --local --list --stop --detach --wait-timeout)
 _shtab_sl_forgery_sync_option_strings=(-h --help -s --server -v --verbose -q --quiet -n --dry-run --delete --no-gitignore)
 _shtab_sl_forgery_code_option_strings=(-h --help -s --server -v --verbose -q --quiet --name --workdir --cpus --mem --time --partition --account --qos --gpus --include --cleanup)
@@ -134,6 +128,7 @@ _shtab_sl_forgery__s_COMPGEN=_sl_forgery_servers
 _shtab_sl_forgery___server_COMPGEN=_sl_forgery_servers
 
 _shtab_sl_forgery_run___env_manager_choices=(conda mamba micromamba venv uv pixi)
+_shtab_sl_forgery_shell___env_manager_choices=(conda mamba micromamba venv uv pixi)
 _shtab_sl_forgery_sync_pos_0_choices=(up down)
 _shtab_sl_forgery_server_add___env_manager_choices=(conda mamba micromamba venv uv pixi)
 _shtab_sl_forgery_server_pos_0_choices=(add list show remove default check setup-key import)

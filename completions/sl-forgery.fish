@@ -45,12 +45,9 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -s q -l quiet -d 
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l notify -l no-notify -d 'a desktop notification here (default: the profile\'s notify setting)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l report -d 'print what each job used of what it asked for'
-<<<<<<< HEAD
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l cancel-impossible -d 'cancel a job that can never start as submitted (exit 78 either way)'
-=======
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l sync-up -x -d 'copy DIR into the job\'s working directory before it starts'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l sync-down -x -d 'with --wait: copy the job\'s working directory into DIR'
->>>>>>> 4c6d02e (shell, forward, sync and code: a shell in a job on a real terminal, a job's port here, rsync around a job, and an editor's ssh to the node, all over the shared connection)
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -F
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l name -x -d 'job name'
 complete -c sl-forgery -n '__fish_seen_subcommand_from submit' -l workdir -x -d 'working directory on the server (created if missing)'
@@ -72,12 +69,9 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from run' -s q -l quiet -d 'no
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l notify -l no-notify -d 'a desktop notification here (default: the profile\'s notify setting)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l on-end -x -d 'run CMD here through your shell, with SL_FORGERY_JOB_ID, _STATE, _EXIT_CODE'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l report -d 'print what each job used of what it asked for'
-<<<<<<< HEAD
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l cancel-impossible -d 'cancel a job that can never start as submitted (exit 78 either way)'
-=======
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l sync-up -x -d 'copy DIR into the job\'s working directory before it starts'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l sync-down -x -d 'with --wait: copy the job\'s working directory into DIR'
->>>>>>> 4c6d02e (shell, forward, sync and code: a shell in a job on a real terminal, a job's port here, rsync around a job, and an editor's ssh to the node, all over the shared connection)
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env -x -d 'environment to activate: a conda environment, or a venv, uv or pixi path'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what ENV is (default: conda for a name, found out for a path)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from run' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
@@ -121,6 +115,9 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -s s -l server -x 
 complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -s v -l verbose -d 'show the ssh commands and full error details'
 complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -s q -l quiet -d 'no progress on stderr'
 complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -a '(__sl_forgery_jobs)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -l env -x -d 'environment to activate in the shell (which is then bash)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -l env-manager -x -a 'conda mamba micromamba venv uv pixi' -d 'what ENV is (default: conda for a name, found out for a path)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -l setup -x -d 'a shell line run before the environment is activated, e.g. \'module load miniconda3\' (repeatable; after the profile\'s own)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -l name -x -d 'job name'
 complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -l workdir -x -d 'working directory on the server (created if missing)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from shell' -l cpus -x -d 'CPUs per task'

@@ -87,6 +87,16 @@ def test_shell_in_a_running_job_runs_inside_it_on_its_node(sleeping_job, cluster
     assert cluster.job_state(sleeping_job) == "RUNNING"  # the user's own job is left alone
 
 
+def test_shell_with_an_environment_and_set_up_lines_runs_them_first(sleeping_job):
+    terminal = Terminal(
+        console_script("sl-forgery"), "shell", sleeping_job, "--env", "analysis", "--setup", "export GREETING=hi"
+    )
+    assert terminal.read_until(rb"\$ "), terminal.output
+    terminal.type('echo "env=$CONDA_DEFAULT_ENV greeting=$GREETING python=$(command -v python)"; exit')
+    assert terminal.exit_code() == 0
+    assert re.search(r"\nenv=analysis greeting=hi python=\S*/envs/analysis/bin/python\n", terminal.text), terminal.text
+
+
 @pytest.mark.parametrize("after", ["--cancel", "--keep"])
 def test_shell_without_a_job_holds_one_for_itself(profile_name, cluster, after):
     terminal = Terminal(console_script("sl-forgery"), "shell", "--mem", "0.25", "--time", "5", after)
