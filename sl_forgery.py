@@ -2278,11 +2278,6 @@ def split_host_entries(text: str) -> dict[str, str]:
     return entries
 
 
-def _synced_files(rsync_output: str) -> list[str]:
-    """The files rsync's ``--out-format=%n`` lines name (directories end in ``/`` and are left out)."""
-    return [line for line in rsync_output.splitlines() if line and not line.endswith("/")]
-
-
 def include_line(path: str | os.PathLike[str]) -> str:
     return f"Include {shlex.quote(os.fspath(path))}"
 
@@ -3248,7 +3243,7 @@ def notify_desktop(title: str, text: str) -> str | None:
     if argv is None:
         return "no desktop notifier here (notify-send on Linux, osascript on macOS)"
     try:
-        result = _run(argv, timeout=15)
+        result = _run(argv, timeout=15, check=False)
     except (OSError, SSHError) as error:
         return f"{argv[0]} failed: {error}"
     if result.returncode != 0:
@@ -3944,20 +3939,28 @@ class SSHConnection:
         self._log(argv)
         return subprocess.run(argv).returncode
 
-    def rsync(self, argv: Sequence[str]) -> subprocess.CompletedProcess:
-        """Run rsync whose --rsh is `remote_shell_argv`; a failure raises `CommandError` with its stderr."""
+    def rsync(self, local: str, remote: str, *, upload: bool, **options: bool) -> list[str]:
+        """Copy with rsync through the master (see `rsync_argv` for ``options``): a local directory's contents (or a
+        file) into the remote directory ``remote``, or with ``upload`` false the other way; returns the files it
+        copied (or, with ``dry_run``, would copy). A failure raises `CommandError` with rsync's stderr."""
+        remote_spec = f"{self.profile.host}:{remote}"
+        if upload:
+            source, destination = sync_paths(local, remote_spec)
+            if os.path.isfile(local):
+                source = local
+        else:
+            source, destination = sync_paths(remote_spec, local)
+        argv = rsync_argv(self.remote_shell_argv(), source, destination, **options)
         self.ensure_connected()
         self._log(argv)
-        result = _run(argv, timeout=None)
-        if result.returncode != 0:
-            raise CommandError(argv, result.returncode, result.stdout, result.stderr, what="rsync")
-        return result
+        result = _run(argv, timeout=None, what="rsync")
+        return [line for line in result.stdout.splitlines() if line and not line.endswith("/")]
 
     def probe_host(self, ssh_config: Path, alias: str) -> subprocess.CompletedProcess:
         """Log in to a Host entry of an ssh config file without any prompt, as an editor would, and run ``true``."""
         argv = ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "--", alias, "true"]
         self._log(argv)
-        return _run(argv, timeout=60)
+        return _run(argv, timeout=60, check=False)
 
 
 # ======================================================================================================================
@@ -4923,7 +4926,7 @@ class Server:
     ) -> Job:
         """Submit a job that only holds its resources (sleeps until cancelled or out of time), for a shell or an
         editor to attach to: a batch job, so that a dropped connection does not end it."""
-        directory = working_directory or self.default_job_directory(name)
+        directory = working_directory or self.job_directory(name)
         job = Job(
             name,
             f"{directory}/output.log",
@@ -4973,20 +4976,14 @@ class Server:
         port = _check_int("port", port)
         node = self.job_node(job_id, timeout=timeout, on_change=on_change)
         host = node.get("NodeAddr") or node["NodeName"]
-        if local_port is not None:
-            if not self.connection.forward(_check_int("--local port", local_port), host, port):
-                raise UsageError(f"local port {local_port} is taken; pick another with --local, or leave it out")
-        else:
-            for candidate in (free_local_port() for _ in range(5)):
-                if self.connection.forward(candidate, host, port):
-                    local_port = candidate
-                    break
-            else:
-                raise SSHError(["ssh", "-O", "forward"], 255, "", "no free local port could be forwarded")
+        if local_port is None:
+            local_port = self.connection.forward_free_port(host, port)
+        elif not self.connection.forward(_check_int("--local port", local_port), host, port):
+            raise UsageError(f"local port {local_port} is taken; pick another with --local, or leave it out")
         try:
             wait_for_port(local_port, timeout, f"port {port} of job {job_id}'s node {node['NodeName']}")
         except BaseException:
-            self.connection.forward(local_port, host, port, cancel=True)
+            self.connection.cancel_forward(local_port, host, port)
             raise
         record = {
             "server": self.profile.name,
@@ -5026,7 +5023,7 @@ class Server:
         return records
 
     def _cancel_forward(self, record: Mapping[str, Any]) -> None:
-        self.connection.forward(record["local_port"], record["host"], record["port"], cancel=True)
+        self.connection.cancel_forward(record["local_port"], record["host"], record["port"])
         update_forward_records(lambda records: records.pop(str(record["local_port"]), None))
 
     # -- files around a job ---------------------------------------------------------------------------------------
@@ -5048,19 +5045,8 @@ class Server:
         remote = _remote_path("remote directory", remote)
         if not dry_run:
             self.create_directory(remote)
-        spec = self.connection.remote_spec(remote)
-        source_text, destination = sync_paths(os.fspath(source), spec)
-        if source.is_file():
-            source_text = os.fspath(source)
-        argv = rsync_argv(
-            self.connection.remote_shell_argv(),
-            source_text,
-            destination,
-            gitignore=gitignore,
-            delete=delete,
-            dry_run=dry_run,
-        )
-        return _synced_files(self.connection.rsync(argv).stdout)
+        options = {"gitignore": gitignore, "delete": delete, "dry_run": dry_run}
+        return self.connection.rsync(os.fspath(source), remote, upload=True, **options)
 
     def sync_down(
         self,
@@ -5077,11 +5063,8 @@ class Server:
         destination = Path(local)
         if not dry_run:
             destination.mkdir(parents=True, exist_ok=True)
-        source, target = sync_paths(self.connection.remote_spec(remote), os.fspath(destination))
-        argv = rsync_argv(
-            self.connection.remote_shell_argv(), source, target, gitignore=gitignore, delete=delete, dry_run=dry_run
-        )
-        return _synced_files(self.connection.rsync(argv).stdout)
+        options = {"gitignore": gitignore, "delete": delete, "dry_run": dry_run}
+        return self.connection.rsync(os.fspath(destination), remote, upload=False, **options)
 
     # -- an editor on a job's node ------------------------------------------------------------------------------------
 
@@ -5737,7 +5720,7 @@ def _refuse_resources_with_job_id(args: Any) -> None:
 
 
 def cmd_shell(args: Any) -> int:
-    _check_resource_flags(args)
+    _flag_values(args)  # a bad flag is refused before anything is sent
     server = _open_server(args)
     environment = _environment_arguments(args, server.profile)
     shell_options = {
@@ -5827,7 +5810,7 @@ def cmd_code(args: Any) -> int:
     import shutil
     import subprocess
 
-    _check_resource_flags(args)
+    _flag_values(args)  # a bad flag is refused before anything is sent
     server = _open_server(args)
     if args.cleanup:
         gone = server.cleanup_code_hosts()
