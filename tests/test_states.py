@@ -150,7 +150,7 @@ def test_wait_rides_out_a_controller_that_does_not_answer(server, cluster, remot
         except Exception as problem:  # the test reports it below
             outcome["error"] = problem
 
-    waiter = threading.Thread(target=wait)
+    waiter = threading.Thread(target=wait, daemon=True)
     controller = int((cluster.state / "run" / "slurmctld.pid").read_text())
     os.kill(controller, signal.SIGSTOP)
     try:
@@ -194,7 +194,7 @@ def test_a_connection_lost_while_sbatch_runs_leaves_exactly_one_job(server, clus
         except Exception as problem:  # the test reports it below
             outcome["error"] = problem
 
-    submitting = threading.Thread(target=submit)
+    submitting = threading.Thread(target=submit, daemon=True)
     controller = int((cluster.state / "run" / "slurmctld.pid").read_text())
     os.kill(controller, signal.SIGSTOP)  # sbatch now waits for the controller's answer
     try:
@@ -220,7 +220,7 @@ def test_cancel_from_this_machine_ends_a_wait_on_a_pending_job_at_once(server, c
     server.submit_job(job)
     outcome = {}
     # The scheduler is asked when the wait starts and then not for an hour: only the cancel can end it sooner.
-    waiting = threading.Thread(target=lambda: outcome.update(server.wait(job.job_id, poll_first=3600)))
+    waiting = threading.Thread(target=lambda: outcome.update(server.wait(job.job_id, poll_first=3600)), daemon=True)
     waiting.start()
     try:
         deadline = time.monotonic() + 60
