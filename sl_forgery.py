@@ -1196,10 +1196,7 @@ class JobInfo(
     def to_json(self) -> dict[str, Any]:
         return {
             **_outcome_json(self),
-            "reason": self.reason,
-            "name": self.name,
-            "node": self.node,
-            "time_left": self.time_left,
+            **{field: getattr(self, field) for field in ("reason", "name", "node", "time_left")},
         }
 
 
@@ -2558,25 +2555,12 @@ class Profile:
         setup: list[str] | None = None,
         node_ssh_port: int | None = None,
     ) -> None:
+        given = dict(locals())
         self.name = name
-        self.host = host
-        self.user = user
-        self.port = port
-        self.identity_file = identity_file
-        self.ssh_config = ssh_config
+        for key in PROFILE_KEYS:
+            setattr(self, key, given[key])
         self.ssh_options = list(ssh_options or [])
-        self.password_in_keyring = password_in_keyring
-        self.storage_root = storage_root
-        self.working_root = working_root
-        self.shared_directory_name = shared_directory_name
-        self.conda_environment = conda_environment
-        self.partition = partition
-        self.account = account
-        self.control_persist = control_persist
-        self.notify = notify
-        self.env_manager = env_manager
         self.setup = list(setup or [])
-        self.node_ssh_port = node_ssh_port
         self.legacy_credentials = legacy_credentials  # a legacy file that still holds a plaintext password
 
     @property
@@ -2732,34 +2716,39 @@ def load_config(path: Path | None = None) -> Config:
     for name, settings in servers_data.items():
         if isinstance(name, int) and not isinstance(name, bool):
             name = str(name)  # an unquoted number is still a name
-        problem = profile_name_problem(name)
-        if problem:
-            raise fail(("servers", str(name)), problem)
-        settings = settings or {}
-        if not isinstance(settings, dict):
-            raise fail(("servers", name), f"server {name!r} must be a mapping of settings")
-        if "password" in settings:
-            raise fail(
-                ("servers", name, "password"),
-                "passwords do not belong in this file; use 'sl-forgery server add --password'",
-            )
-        for key, value in settings.items():
-            if key not in PROFILE_KEYS:
-                raise fail(
-                    ("servers", name, str(key)),
-                    f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})",
-                )
-            problem = None if value is None and key != "host" else profile_field_problem(key, value)
-            if problem:
-                raise fail(("servers", name, key), f"server {name!r}: {problem}")
-        if not settings.get("host"):
-            raise fail(("servers", name), f"server {name!r} has no 'host'")
-        settings = {key: value for key, value in settings.items() if value is not None}
-        config.servers[name] = Profile(name=name, **settings)
+        config.servers[name] = _checked_profile(name, settings, fail)
     if config.default is not None and config.default not in config.servers:
         raise fail(("default",), f"default server {config.default!r} is not defined under 'servers'")
     _cache_config(path, stamp, config)
     return config
+
+
+def _checked_profile(name: Any, settings: Any, fail: Callable[[tuple[str, ...], str], ConfigError]) -> Profile:
+    """One server's settings from the servers file as a Profile; ``fail`` makes the error naming its line."""
+    problem = profile_name_problem(name)
+    if problem:
+        raise fail(("servers", str(name)), problem)
+    settings = settings or {}
+    if not isinstance(settings, dict):
+        raise fail(("servers", name), f"server {name!r} must be a mapping of settings")
+    if "password" in settings:
+        raise fail(
+            ("servers", name, "password"),
+            "passwords do not belong in this file; use 'sl-forgery server add --password'",
+        )
+    for key, value in settings.items():
+        if key not in PROFILE_KEYS:
+            raise fail(
+                ("servers", name, str(key)),
+                f"unknown key {key!r} in server {name!r} (known: {', '.join(PROFILE_KEYS)})",
+            )
+        problem = None if value is None and key != "host" else profile_field_problem(key, value)
+        if problem:
+            raise fail(("servers", name, key), f"server {name!r}: {problem}")
+    if not settings.get("host"):
+        raise fail(("servers", name), f"server {name!r} has no 'host'")
+    settings = {key: value for key, value in settings.items() if value is not None}
+    return Profile(name=name, **settings)
 
 
 def _config_cache_path(path: Path) -> Path:
@@ -2965,17 +2954,23 @@ def load_jupyter_records() -> dict[str, dict[str, Any]]:
     }
 
 
-def update_jupyter_records(change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
-    """Read, change and write the records as one step, so that Jupyter servers started together are all kept."""
+def _update_records(path: Path, load: Callable[[], dict[str, Any]], change: Callable[[dict[str, Any]], None]) -> None:
+    """Read, change and write a private records file as one step under its lock, so that commands started together
+    all keep what they added."""
     import json
 
     def update() -> None:
-        records = load_jupyter_records()
+        records = load()
         change(records)
-        write_private_file(jupyter_records_path(), json.dumps(records, indent=1))
+        write_private_file(path, json.dumps(records, indent=1))
 
     _private_dir(state_dir())
-    run_exclusively(f"{jupyter_records_path()}.lock", update)
+    run_exclusively(f"{path}.lock", update)
+
+
+def update_jupyter_records(change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+    """Change the Jupyter records as one step, so that Jupyter servers started together are all kept."""
+    _update_records(jupyter_records_path(), load_jupyter_records, change)
 
 
 def forward_records_path() -> Path:
@@ -2987,21 +2982,18 @@ def load_forward_records() -> dict[str, dict[str, Any]]:
     import json
 
     try:
-        return dict(json.loads(forward_records_path().read_text(encoding="utf-8")))
-    except (FileNotFoundError, ValueError):
+        records = json.loads(_read_state_file(forward_records_path(), "the forward records") or "{}")
+    except ValueError:
         return {}
+    return (
+        {str(port): details for port, details in records.items() if isinstance(details, dict)}
+        if isinstance(records, dict)
+        else {}
+    )
 
 
 def update_forward_records(change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
-    import json
-
-    def update() -> None:
-        records = load_forward_records()
-        change(records)
-        write_private_file(forward_records_path(), json.dumps(records, indent=1))
-
-    _private_dir(state_dir())
-    run_exclusively(f"{forward_records_path()}.lock", update)
+    _update_records(forward_records_path(), load_forward_records, change)
 
 
 def host_entries_path() -> Path:
@@ -4911,35 +4903,15 @@ class Server:
                 raise WaitTimeout(f"job {job_id} is still {state} after {timeout:g} s")
             time.sleep(1.0)
 
-    def start_holding_job(
-        self,
-        *,
-        name: str = "shell",
-        cpus: int = 1,
-        ram_gb: float = 4,
-        time_limit: int = 60,
-        partition: str | None = None,
-        account: str | None = None,
-        qos: str | None = None,
-        gpus: str | None = None,
-        working_directory: str | None = None,
-    ) -> Job:
+    def start_holding_job(self, name: str = "shell", **resources: Any) -> Job:
         """Submit a job that only holds its resources (sleeps until cancelled or out of time), for a shell or an
-        editor to attach to: a batch job, so that a dropped connection does not end it."""
-        directory = working_directory or self.job_directory(name)
-        job = Job(
-            name,
-            f"{directory}/output.log",
-            f"{directory}/error.log",
-            directory,
-            cpus_to_use=cpus,
-            ram_gb=ram_gb,
-            time_limit=time_limit,
-            partition=partition or self.profile.partition,
-            account=account or self.profile.account,
-            qos=qos,
-            gpus=gpus,
-        )
+        editor to attach to: a batch job, so that a dropped connection does not end it. ``resources``: `Job`
+        keywords (``working_directory``, unset ones take Job's defaults and the profile's partition and account)."""
+        resources = {key: value for key, value in resources.items() if value is not None}
+        directory = resources.pop("working_directory", None) or self.job_directory(name)
+        for field in ("partition", "account"):
+            resources[field] = choose(resources.get(field), self.profile, field)
+        job = Job(name, f"{directory}/output.log", f"{directory}/error.log", directory, **resources)
         job.add_command("sleep infinity")
         return self.submit_job(job)
 
@@ -5231,105 +5203,70 @@ _USAGE_FIELD_TYPES = {
     "steps": "integer",
     "suggestion": "string",
 }
+
+
+def _entries(properties: Mapping[str, Any], required: Sequence[str] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a list of objects with these properties (all required unless said)."""
+    required = list(properties) if required is None else list(required)
+    return {"type": "array", "items": {"type": "object", "required": required, "properties": dict(properties)}}
+
+
+def _document(key: str, entries: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """The JSON Schema of a document whose ``key`` holds ``entries`` (and ``more`` top-level properties)."""
+    return {"type": "object", "required": [*more, key], "properties": {**more, key: entries}}
+
+
+_STATE = {"enum": [status.value for status in JobStatus]}
 # The documents printed by --json: a stable contract; new fields may be added, none removed or renamed.
 JSON_SCHEMAS = {
-    "jobs": {  # status, wait, queue
-        "type": "object",
-        "required": ["jobs"],
-        "properties": {"jobs": {"type": "array", "items": _JOB_STATE_SCHEMA}},
-    },
-    "history": {
-        "type": "object",
-        "required": ["jobs"],
-        "properties": {
-            "jobs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": list(JobRecord._fields),
-                    "properties": {
-                        **{field: {"type": "string"} for field in JobRecord._fields},
-                        "submitted": {"type": "number"},
-                    },
-                },
+    "jobs": _document("jobs", {"type": "array", "items": _JOB_STATE_SCHEMA}),  # status, wait, queue
+    "history": _document(
+        "jobs",
+        _entries({**{field: {"type": "string"} for field in JobRecord._fields}, "submitted": {"type": "number"}}),
+    ),
+    "report": _document(
+        "jobs",
+        _entries(
+            {
+                field: {"type": kind} if isinstance(kind, str) else {"type": list(kind)}
+                for field, kind in _USAGE_FIELD_TYPES.items()
             }
-        },
-    },
-    "report": {
-        "type": "object",
-        "required": ["jobs"],
-        "properties": {
-            "jobs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": list(_USAGE_FIELD_TYPES),
-                    "properties": {
-                        field: {"type": kind} if isinstance(kind, str) else {"type": list(kind)}
-                        for field, kind in _USAGE_FIELD_TYPES.items()
-                    },
-                },
+        ),
+    ),
+    "forwards": _document(
+        "forwards",
+        _entries(
+            {
+                "server": {"type": "string"},
+                "job_id": {"type": "string"},
+                "state": _STATE,
+                "node": {"type": "string"},
+                "host": {"type": "string"},
+                "port": {"type": "integer"},
+                "local_port": {"type": "integer"},
+                "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/$"},
             }
-        },
-    },
-    "forwards": {
-        "type": "object",
-        "required": ["forwards"],
-        "properties": {
-            "forwards": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["server", "job_id", "state", "node", "host", "port", "local_port", "url"],
-                    "properties": {
-                        "server": {"type": "string"},
-                        "job_id": {"type": "string"},
-                        "state": {"enum": [status.value for status in JobStatus]},
-                        "node": {"type": "string"},
-                        "host": {"type": "string"},
-                        "port": {"type": "integer"},
-                        "local_port": {"type": "integer"},
-                        "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/$"},
-                    },
-                },
+        ),
+    ),
+    "jupyter": _document(
+        "servers",
+        _entries(
+            {
+                "job_id": {"type": "string"},
+                "state": _STATE,
+                "node": {"type": "string"},
+                "time_left": {"type": "string"},
+                "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/lab\\?token="},
             }
-        },
-    },
-    "jupyter": {
-        "type": "object",
-        "required": ["servers"],
-        "properties": {
-            "servers": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["job_id", "state", "node", "time_left", "url"],
-                    "properties": {
-                        "job_id": {"type": "string"},
-                        "state": {"enum": [status.value for status in JobStatus]},
-                        "node": {"type": "string"},
-                        "time_left": {"type": "string"},
-                        "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/lab\\?token="},
-                    },
-                },
-            }
-        },
-    },
-    "servers": {
-        "type": "object",
-        "required": ["default", "servers"],
-        "properties": {
-            "default": {"type": ["string", "null"]},
-            "servers": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "host"],
-                    "properties": {"name": {"type": "string"}, "host": {"type": "string"}, "port": _NULLABLE_INT},
-                },
-            },
-        },
-    },
+        ),
+    ),
+    "servers": _document(
+        "servers",
+        _entries(
+            {"name": {"type": "string"}, "host": {"type": "string"}, "port": _NULLABLE_INT}, required=["name", "host"]
+        ),
+        default={"type": ["string", "null"]},
+    ),
 }
 
 
@@ -5694,17 +5631,8 @@ def _state_line(args: Any) -> Callable[[JobInfo], None]:
 
 def _holding_job(server: Server, args: Any, name: str) -> Job:
     """The job a shell or an editor attaches to when no JOBID is given, from the resource flags."""
-    job = server.start_holding_job(
-        name=args.name or name,
-        cpus=1 if args.cpus is None else args.cpus,
-        ram_gb=4 if args.mem is None else args.mem,
-        time_limit=60 if args.time is None else args.time,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        gpus=args.gpus,
-        working_directory=args.workdir,
-    )
+    values = _flag_values(args)
+    job = server.start_holding_job(values.pop("job_name", None) or name, **values)
     _say(args, f"job {job.job_id} holds the resources for this {name}")
     return job
 
@@ -6849,8 +6777,8 @@ def console_main() -> None:
 LEGACY_DEFAULT_HOST = "cbsuwsun.biohpc.cornell.edu"  # the original sl-create-server-credentials' default -h
 
 
-def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
-    """The original ``sl-create-server-credentials``: writes server_credentials.yaml, the password to the keyring."""
+def _credentials_parser() -> Any:
+    """The original ``sl-create-server-credentials`` flags, and the ways to give no password for key login."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -6877,8 +6805,29 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-sr", "--storage-root", default="/local/storage")
     parser.add_argument("-wr", "--working-root", default="/local/workdir")
     parser.add_argument("-sdn", "--shared-directory-name", default="sun_data")
+    return parser
+
+
+def _new_credentials_password(args: Any) -> str | None:
+    """The password to keep for a new credentials file: given, read from stdin, or asked (empty: key login)."""
+    if args.password is not None:
+        print(
+            "sl-create-server-credentials: warning: a password given with -p is visible to other users (ps) and "
+            "stays in your shell history; leave -p out to be prompted",
+            file=sys.stderr,
+        )
+        return args.password
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if args.no_password:
+        return None
+    return _prompt_on_terminal(f"password for {args.username}@{args.host} (empty for key login): ")
+
+
+def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
+    """The original ``sl-create-server-credentials``: writes server_credentials.yaml, the password to the keyring."""
     try:
-        args = parser.parse_args(argv)
+        args = _credentials_parser().parse_args(argv)
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
     target = Path(args.output_directory) / "server_credentials.yaml"
@@ -6890,17 +6839,7 @@ def create_server_credentials_main(argv: Sequence[str] | None = None) -> int:
         if target.exists():
             raise UsageError(f"{target} already exists; remove it first or choose another --output-directory")
         check_private_file_parent(target)  # before the password is stored, so that a refusal leaves nothing half-done
-        password = args.password
-        if password is not None:
-            print(
-                "sl-create-server-credentials: warning: a password given with -p is visible to other users (ps) and "
-                "stays in your shell history; leave -p out to be prompted",
-                file=sys.stderr,
-            )
-        elif args.password_stdin:
-            password = sys.stdin.readline().rstrip("\n")
-        elif not args.no_password:
-            password = _prompt_on_terminal(f"password for {args.username}@{args.host} (empty for key login): ")
+        password = _new_credentials_password(args)
         fields = {
             "username": args.username,
             "host": args.host,
