@@ -5217,6 +5217,8 @@ def _document(key: str, entries: dict[str, Any], **more: Any) -> dict[str, Any]:
 
 
 _STATE = {"enum": [status.value for status in JobStatus]}
+_TEXT = {"type": "string"}
+_LIVE_JOB = {"job_id": _TEXT, "state": _STATE, "node": _TEXT}  # what forwards and Jupyter servers say of their job
 # The documents printed by --json: a stable contract; new fields may be added, none removed or renamed.
 JSON_SCHEMAS = {
     "jobs": _document("jobs", {"type": "array", "items": _JOB_STATE_SCHEMA}),  # status, wait, queue
@@ -5237,11 +5239,9 @@ JSON_SCHEMAS = {
         "forwards",
         _entries(
             {
-                "server": {"type": "string"},
-                "job_id": {"type": "string"},
-                "state": _STATE,
-                "node": {"type": "string"},
-                "host": {"type": "string"},
+                "server": _TEXT,
+                **_LIVE_JOB,
+                "host": _TEXT,
                 "port": {"type": "integer"},
                 "local_port": {"type": "integer"},
                 "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/$"},
@@ -5252,10 +5252,8 @@ JSON_SCHEMAS = {
         "servers",
         _entries(
             {
-                "job_id": {"type": "string"},
-                "state": _STATE,
-                "node": {"type": "string"},
-                "time_left": {"type": "string"},
+                **_LIVE_JOB,
+                "time_left": _TEXT,
                 "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/lab\\?token="},
             }
         ),
