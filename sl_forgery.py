@@ -6002,28 +6002,16 @@ def cmd_server_add(args: Any) -> int:
     config = load_config()
     if args.name in config.servers and not args.replace:
         raise UsageError(f"server {args.name!r} already exists in {config.path}; pass --replace to overwrite it")
-    profile = Profile(
-        name=args.name,
-        host=args.host,
-        user=args.user,
-        port=args.port,
-        identity_file=args.identity_file,
-        ssh_config=args.ssh_config,
-        ssh_options=list(args.ssh_option or []),
-        storage_root=args.storage_root,
-        working_root=args.working_root,
-        shared_directory_name=args.shared_directory_name,
-        conda_environment=args.conda_env,
-        env_manager=args.env_manager,
-        setup=args.setup,
-        partition=args.partition,
-        account=args.account,
-        control_persist=(
-            DEFAULT_CONTROL_PERSIST
-            if args.control_persist is None
-            else _check_int("--control-persist", args.control_persist)
-        ),
-    )
+    # A profile key's flag is its name with dashes, but for these two.
+    destinations = {"ssh_options": "ssh_option", "conda_environment": "conda_env"}
+    given = {key: getattr(args, destinations.get(key, key), None) for key in PROFILE_KEYS}
+    given["ssh_options"] = list(given["ssh_options"] or [])
+    if given["control_persist"] is None:
+        given["control_persist"] = DEFAULT_CONTROL_PERSIST
+    else:
+        given["control_persist"] = _check_int("--control-persist", given["control_persist"])
+    given["password_in_keyring"] = False  # set below, once the password is stored
+    profile = Profile(name=args.name, **{key: value for key, value in given.items() if value is not None})
     _check_new_profile(profile)
     if args.accept_host_key:
         fingerprints = Server(profile=profile, verbose=args.verbose).accept_host_key()
