@@ -101,6 +101,8 @@ LOG_SETTLE_SECONDS = 1.0  # after a job ends, what it wrote last reaches a follo
 # at most this many, across local commands, so that short calls always find room; a refused call is retried after
 # these pauses.
 LASTING_SESSIONS = 5
+SSHD_DEFAULT_SESSIONS = 10  # sshd's MaxSessions unless the site changed it
+RECORD_POLL_SECONDS = 1.0  # without a watcher, how often `wait` looks for exit records (no scheduler query)
 REFUSED_SESSION_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 # A call that finds no master falls back to its ProxyCommand, `false`, and OpenSSH reports that pipe, not a host,
 # as its peer; which line it prints depends on whether it first reads or writes.
@@ -1490,10 +1492,16 @@ def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]
         f'{limit} squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo "@@ $?"',
         f'{limit} sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"',
     ]
+    return "\n".join([*lines, exit_records_command(record_paths)])
+
+
+def exit_records_command(record_paths: Mapping[str, str]) -> str:
+    """A remote script that prints ``ID RC`` for each exit record that exists (no scheduler query)."""
+    lines = []
     for job_id, path in record_paths.items():
         quoted = shlex.quote(path)
         lines.append(f"if [ -f {quoted} ]; then printf '%s %s\\n' {job_id} \"$(cat {quoted})\"; fi")
-    return "\n".join(lines)
+    return "\n".join(lines) or "true"
 
 
 def parse_status_query(stdout: str) -> tuple[str, int, str, int, str]:
@@ -2466,6 +2474,7 @@ PROFILE_KEYS = {
     "control_persist": "seconds an idle connection stays open",
     "notify": "true: a desktop notification when a job waited for ends (as --notify)",
     "node_ssh_port": "port of sshd on the compute nodes, for 'code' (default 22)",
+    "max_sessions": "sessions sshd allows per connection (MaxSessions), if not found out by itself",
 }
 
 
@@ -2554,6 +2563,7 @@ class Profile:
         env_manager: str | None = None,
         setup: list[str] | None = None,
         node_ssh_port: int | None = None,
+        max_sessions: int | None = None,
     ) -> None:
         given = dict(locals())
         self.name = name
@@ -2561,6 +2571,7 @@ class Profile:
             setattr(self, key, given[key])
         self.ssh_options = list(ssh_options or [])
         self.setup = list(setup or [])
+        self.max_sessions = max_sessions
         self.legacy_credentials = legacy_credentials  # a legacy file that still holds a plaintext password
 
     @property
@@ -3626,6 +3637,7 @@ class SSHConnection:
             return False
         # A master that died hard leaves its socket behind, and a new master will not listen where a file is.
         Path(socket_path).unlink(missing_ok=True)
+        Path(f"{socket_path}.max-sessions").unlink(missing_ok=True)
         argv = self._master_argv()
         self._log(argv)
         log_path = self._master_log_path()
@@ -3640,6 +3652,8 @@ class SSHConnection:
         if result.returncode != 0:
             raise SSHError(argv, result.returncode, "", message, what=f"ssh to {self.describe()}")
         self.master_starts += 1
+        if not self.profile.max_sessions:
+            self._probe_session_limit()
         return True
 
     @staticmethod
@@ -3667,6 +3681,70 @@ class SSHConnection:
         _run(argv, timeout=10, check=False)
         return True
 
+    # -- sessions -------------------------------------------------------------------------------------------------
+
+    def _limit_path(self) -> Path:
+        return Path(f"{self.socket_path()}.max-sessions")
+
+    def session_limit(self) -> int:
+        """How many sessions the server allows on one connection: the profile's ``max_sessions``, else what was found
+        out when the master started (kept beside its socket), else sshd's default."""
+        if self.profile.max_sessions:
+            return self.profile.max_sessions
+        try:
+            return int(self._limit_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return SSHD_DEFAULT_SESSIONS
+
+    def _probe_session_limit(self) -> None:
+        """Find out, once per master, whether the server allows a second session beside a first (sites that set
+        MaxSessions 1 refuse it); the answer is kept beside the socket for every process using the master."""
+        import subprocess
+
+        argv = self._call_argv()
+        holder = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            assert holder.stdin is not None and holder.stdout is not None
+            holder.stdin.write(framed_script("echo held; sleep 30").encode())
+            holder.stdin.close()
+            for line in holder.stdout:  # login noise first, then the marker, then ours
+                if line == b"held\n":
+                    second = _run(argv, input_text=framed_script("true"), timeout=self.timeout, check=False)
+                    limit = 1 if self._master_was_missing(second) else SSHD_DEFAULT_SESSIONS
+                    break
+            else:
+                limit = 1  # the first session ended at once: the safest reading
+        finally:
+            holder.terminate()
+            holder.wait()
+        write_private_file(self._limit_path(), str(limit))
+
+    @contextlib.contextmanager
+    def _call_slot(self) -> Iterator[None]:
+        """Where the server allows one session per connection, every call of every local process takes its turn
+        (a lock beside the socket); elsewhere calls run side by side."""
+        if self.session_limit() > 1:
+            yield
+            return
+        import fcntl
+
+        descriptor = _open_own_file(f"{self.socket_path()}.calls.lock", os.O_WRONLY | os.O_CREAT)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
+
+    def _refusal(self) -> str:
+        limit = self.session_limit()
+        allowed = "one session" if limit == 1 else f"{limit} sessions"
+        return (
+            f" (the server refused a new session; it allows {allowed} per connection: set max_sessions in the "
+            "profile if that is wrong)"
+        )
+
     # -- calls ----------------------------------------------------------------------------------------------------
 
     def run(
@@ -3681,7 +3759,8 @@ class SSHConnection:
         restarted = False
         while True:
             self._log(argv, script)
-            result = _run(argv, input_text=framed, timeout=timeout or self.timeout, check=False)
+            with self._call_slot():
+                result = _run(argv, input_text=framed, timeout=timeout or self.timeout, check=False)
             if not self._master_was_missing(result):
                 break
             if not restarted and self.connect():
@@ -3690,8 +3769,7 @@ class SSHConnection:
             # The master runs (started by a command beside this one, or refusing sessions): try again shortly.
             pause = next(pauses, None)
             if pause is None:
-                refused = " (the connection refused a new session)" if self.is_connected() else ""
-                what = f"ssh to {self.describe()}{refused}"
+                what = f"ssh to {self.describe()}{self._refusal() if self.is_connected() else ''}"
                 raise SSHError(argv, 255, result.stdout, result.stderr, what=what, script=script)
             time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
         result.stdout = without_login_noise(result.stdout)
@@ -3706,13 +3784,15 @@ class SSHConnection:
         return result.returncode == 255 and any(marker in result.stderr for marker in NO_MASTER_MARKERS)
 
     def _reserve_lasting_session(self) -> int | None:
-        """A descriptor holding one of LASTING_SESSIONS lock files until it is closed; None when all are held."""
+        """A descriptor holding one of the lasting-session lock files until it is closed; None when all are held.
+        There are LASTING_SESSIONS of them, fewer where the server allows fewer sessions (none with one), so that
+        short calls always find a session free."""
         import fcntl
 
         _private_dir(control_dir())
         socket_path = self.socket_path()
-        for slot in range(LASTING_SESSIONS):
-            descriptor = os.open(f"{socket_path}.session-{slot}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        for slot in range(min(LASTING_SESSIONS, self.session_limit() // 2)):
+            descriptor = _open_own_file(f"{socket_path}.session-{slot}.lock", os.O_WRONLY | os.O_CREAT)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return descriptor
@@ -3730,9 +3810,11 @@ class SSHConnection:
         self.ensure_connected()
         slot = self._reserve_lasting_session()
         if slot is None:
+            if self.session_limit() < 2:
+                raise SessionsBusy(f"{self.describe()} allows one session per connection, and short calls need it")
             raise SessionsBusy(
-                f"{LASTING_SESSIONS} sl-forgery commands already follow or wait on {self.describe()} from this "
-                "machine (each holds a session of the shared connection)"
+                f"{min(LASTING_SESSIONS, self.session_limit() // 2)} sl-forgery commands already follow or wait on "
+                f"{self.describe()} from this machine (each holds a session of the shared connection)"
             )
         argv = self._call_argv()
         self._log(argv, script)
@@ -3772,9 +3854,12 @@ class SSHConnection:
         self.ensure_connected()
         argv = self._call_argv()
         self._log(argv, script)
-        with subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        ) as process:
+        with (
+            self._call_slot(),
+            subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            ) as process,
+        ):
             assert process.stdin and process.stdout and process.stderr
             process.stdin.write(framed_script(script).encode())
             process.stdin.close()
@@ -3806,7 +3891,7 @@ class SSHConnection:
         argv = [*self._call_argv()[:-1], REMOTE_SHELL_WITH_DATA]
         self._log(argv, script)
         framed = f"printf '%s\\n' {OUTPUT_MARKER}\n{script}\n".encode()
-        with subprocess.Popen(
+        with self._call_slot(), subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         ) as process:
             assert process.stdin and process.stdout and process.stderr
@@ -4358,7 +4443,7 @@ class Server:
                 return None
 
         with watching:
-            return self._wait_loop(progress, start_watcher, on_change, nonces, cancel_impossible)
+            return self._wait_loop(progress, start_watcher, on_change, nonces, cancel_impossible, record_paths)
 
     def _stop_never_starting(self, progress: WaitProgress, cancel: bool) -> None:
         """Raise `JobCannotStart` for jobs pending for a reason that never clears, cancelling them if asked."""
@@ -4385,10 +4470,12 @@ class Server:
         on_change: Callable[[JobInfo], None] | None,
         nonces: Mapping[str, str] | None = None,
         cancel_impossible: bool = False,
+        record_paths: Mapping[str, str] | None = None,
     ) -> dict[str, JobInfo]:
         """The I/O half of `wait`: ask the scheduler when the schedule says, read the watcher in between. A
         watcher that ends before its records came (the connection was lost and its master restarted) is started
-        again over the new master, at most every WATCHER_RESTART_PAUSE seconds."""
+        again over the new master, at most every WATCHER_RESTART_PAUSE seconds. Without one (no session to spare:
+        a server that allows one session) the records are looked for every RECORD_POLL_SECONDS instead."""
         import select
 
         watcher = start_watcher()
@@ -4419,7 +4506,10 @@ class Server:
             progress.check_deadline(time.monotonic())
             pause = min(progress.pause(time.monotonic()), CANCEL_NOTICE_CHECK)
             if watcher is None:
-                time.sleep(pause)
+                time.sleep(min(pause, RECORD_POLL_SECONDS) if record_paths else pause)
+                if record_paths and not progress.schedule.due(time.monotonic()):
+                    records = parse_exit_records(self.run(exit_records_command(record_paths)).stdout, nonces)
+                    progress.records_arrived(records, time.monotonic())
                 continue
             if watcher_ended:
                 if time.monotonic() - watcher_started < WATCHER_RESTART_PAUSE:
