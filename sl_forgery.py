@@ -2498,6 +2498,9 @@ def profile_field_problem(key: str, value: object, label: str = "") -> str | Non
     if key in ("port", "node_ssh_port"):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             return f"{label} must be a whole number from 1 to 65535, not {value!r}"
+    elif key == "max_sessions":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{label} must be a whole number of sessions (1 or more), not {value!r}"
     elif key == "control_persist":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{label} must be a whole number of seconds, not {value!r}"
@@ -3707,8 +3710,9 @@ class SSHConnection:
         )
         try:
             assert holder.stdin is not None and holder.stdout is not None
-            holder.stdin.write(framed_script("echo held; sleep 30").encode())
-            holder.stdin.close()
+            # Not framed: the session lasts until its stdin closes, so that it ends the moment the probe is done.
+            holder.stdin.write(f"printf '%s\\n' {OUTPUT_MARKER} held\nexec cat >/dev/null\n".encode())
+            holder.stdin.flush()
             for line in holder.stdout:  # login noise first, then the marker, then ours
                 if line == b"held\n":
                     second = _run(argv, input_text=framed_script("true"), timeout=self.timeout, check=False)
@@ -3717,7 +3721,7 @@ class SSHConnection:
             else:
                 limit = 1  # the first session ended at once: the safest reading
         finally:
-            holder.terminate()
+            holder.stdin.close()
             holder.wait()
         write_private_file(self._limit_path(), str(limit))
 
@@ -3891,9 +3895,12 @@ class SSHConnection:
         argv = [*self._call_argv()[:-1], REMOTE_SHELL_WITH_DATA]
         self._log(argv, script)
         framed = f"printf '%s\\n' {OUTPUT_MARKER}\n{script}\n".encode()
-        with self._call_slot(), subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        ) as process:
+        with (
+            self._call_slot(),
+            subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            ) as process,
+        ):
             assert process.stdin and process.stdout and process.stderr
             try:
                 process.stdin.write(b"%d\n" % len(framed) + framed)
@@ -4130,7 +4137,7 @@ class Server:
             )
         created = not path.exists()
         if created:
-            _private_dir(path.parent)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing key directory stays as it is
             comment = f"{self.profile.user or APP_NAME}@{APP_NAME}"
             keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
             _run(keygen, timeout=30, what="ssh-keygen")
@@ -6665,6 +6672,9 @@ def get_parser() -> Any:
         metavar="SECONDS",
         help=f"how long an idle connection stays open; a password or 2FA is asked again after (default "
         f"{DEFAULT_CONTROL_PERSIST})",
+    )
+    add.add_argument(
+        "--max-sessions", type=int, metavar="N", help="sessions the server allows per connection (default: found out)"
     )
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--password", action="store_true", help="prompt for a password and keep it in the OS keyring")

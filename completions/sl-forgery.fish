@@ -235,6 +235,7 @@ complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_s
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l partition -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l account -x
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l control-persist -x -d 'how long an idle connection stays open; a password or 2FA is asked again after (default 600)'
+complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l max-sessions -x -d 'sessions the server allows per connection (default: found out)'
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l password -d 'prompt for a password and keep it in the OS keyring'
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l password-stdin -d 'read the password from stdin'
 complete -c sl-forgery -n '__fish_seen_subcommand_from server; and __fish_seen_subcommand_from add' -l accept-host-key -d 'fetch the server\'s host key, show its fingerprint and record it in known_hosts'
