@@ -1,0 +1,186 @@
+"""What real sites impose, on the test cluster's variants: other login shells, MaxSessions 1,
+no accounting (or one that never answers)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import sl_forgery
+from conftest import CLUSTER, cli, console_script
+
+SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def _bed() -> dict[str, str]:
+    from conftest import _cluster_env
+
+    return _cluster_env()
+
+
+@contextmanager
+def variant(name: str):
+    subprocess.run([str(CLUSTER), "variant", name, "on"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([str(CLUSTER), "variant", name, "off"], check=True, capture_output=True)
+
+
+def add_profile(cluster, name: str, user: str | None = None, port: int | None = None, **settings) -> str:
+    config = sl_forgery.load_config()
+    config.servers[name] = sl_forgery.Profile(
+        name=name,
+        host=cluster.host,
+        port=port or cluster.port,
+        user=user or cluster.user,
+        identity_file=str(cluster.key),
+        ssh_options=[f"UserKnownHostsFile={cluster.known_hosts}", "IdentitiesOnly=yes"],
+        **settings,
+    )
+    config.default = name
+    config.save()
+    return name
+
+
+class LogWatch:
+    """Lines an sshd log gains from now on: what this test's own connections did."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        with open(self.path, "rb") as log:
+            log.seek(self.start)
+            return log.read().decode(errors="replace").splitlines()
+
+    def logins(self, user: str) -> int:
+        return sum(1 for line in self.new_lines() if re.match(rf"Accepted \S+ for {re.escape(user)} from ", line))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Any login shell
+
+
+def _shell_users() -> dict[str, str]:
+    """login shell name -> user"""
+    entries = (entry.split(":", 1) for entry in _bed()["SLF_CLUSTER_SHELL_USERS"].split(","))
+    return {Path(shell).name: user for user, shell in entries}
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash", "zsh", "tcsh", "fish"])
+def test_the_same_job_runs_end_to_end_whatever_the_login_shell(cluster, home, shell):
+    user = _shell_users()[shell]
+    add_profile(cluster, f"as-{shell}", user=user)
+    workdir = f"{_bed()['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
+    ran = cli("run", "--env", "analysis", "--workdir", workdir, "--wait", "--", "sl-verify-session", "-sp", "/data/s1")
+    assert ran.returncode == 0, ran.stderr
+    job_id, output = ran.stdout.split("\n", 1)
+    assert output == f"verified session /data/s1 with {SERVER_PYTHON}\n"
+    status = cli("status", "--json", job_id)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["jobs"][0]["state"] == "COMPLETED"
+    failing = cli("run", "--workdir", workdir, "--wait", "--", "sh", "-c", "echo oops >&2; exit 7")
+    assert failing.returncode == 7, failing.stderr
+    logs = cli("logs", "--err", failing.stdout.split()[0])
+    assert logs.returncode == 0 and logs.stdout == "oops\n"
+    doctor = cli("check")
+    assert f"login shell  ok      {'/bin' if shell in ('bash', 'dash') else '/usr/bin'}/{shell}" in doctor.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MaxSessions 1
+
+
+@pytest.mark.exclusive
+def test_with_one_session_ten_waits_submits_and_status_all_end_right_over_one_connection(cluster, home, tmp_path):
+    bed = _bed()
+    with variant("maxsessions"):
+        add_profile(cluster, "one-session", port=int(bed["SLF_CLUSTER_MAXSESSIONS_PORT"]))
+        log = LogWatch(Path(bed["SLF_CLUSTER_MAXSESSIONS_LOG"]))
+        workdir = f"{cluster.home}/tests/one-session-{uuid.uuid4().hex[:8]}"
+        job_ids = []
+        for code in range(10):
+            script = tmp_path / f"code{code}.sh"
+            script.write_text(f"#!/bin/bash\nsleep 2\nexit {code}\n")
+            submitted = cli("submit", "--workdir", f"{workdir}/{code}", str(script))
+            assert submitted.returncode == 0, submitted.stderr
+            job_ids.append(submitted.stdout.strip())
+        waits = [_start("wait", job_id) for job_id in job_ids]
+        # More submissions and a status while the ten waits hold their places in the queue for the one session.
+        more = [_start("submit", "--workdir", f"{workdir}/more{index}", str(script)) for index in range(3)]
+        status = _start("status", "--json", *job_ids)
+        for job_id, code, process in zip(job_ids, range(10), waits, strict=True):
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == code, (job_id, err)
+        for process in more:
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 0 and out.strip().isdigit(), err
+        out, err = status.communicate(timeout=300)
+        assert status.returncode == 0, err
+        assert {job["job_id"] for job in json.loads(out)["jobs"]} == set(job_ids)
+        assert log.logins(cluster.user) == 1, log.new_lines()
+        cli("disconnect")
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [console_script("sl-forgery"), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No accounting, or one that never answers
+
+
+def _submit(server, workdir: str, command: str, **extra) -> str:
+    job = sl_forgery.Job(
+        "noacct", f"{workdir}/out.txt", f"{workdir}/err.txt", workdir, ram_gb=0.25, time_limit=5, **extra
+    )
+    job.add_command(command)
+    server.submit_job(job)
+    return job.job_id
+
+
+@pytest.mark.exclusive
+def test_without_accounting_states_and_exit_codes_come_from_squeue_and_exit_records(server, remote_dir):
+    with variant("no-accounting"):
+        completed = _submit(server, f"{remote_dir}/ok", "true")
+        failed = _submit(server, f"{remote_dir}/bad", "exit 3")
+        array = _submit(server, f"{remote_dir}/array", 'exit "$SLURM_ARRAY_TASK_ID"', array="0-2")
+        running = _submit(server, f"{remote_dir}/long", "sleep 300")
+        finals = server.wait([completed, failed], timeout=120)
+        assert (finals[completed].status, finals[completed].exit_code) == (sl_forgery.JobStatus.COMPLETED, 0)
+        assert (finals[failed].status, finals[failed].exit_code) == (sl_forgery.JobStatus.FAILED, 3)
+        assert server.wait([array], timeout=120)[array].status is sl_forgery.JobStatus.FAILED
+        assert server.get_job_status(running) in (sl_forgery.JobStatus.PENDING, sl_forgery.JobStatus.RUNNING)
+        server.cancel([running])
+        assert server.wait([running], timeout=120)[running].status is sl_forgery.JobStatus.CANCELLED
+        statuses = cli("status", "--json", completed, failed)
+        assert statuses.returncode == 0, statuses.stderr
+        assert [(job["state"], job["exit_code"]) for job in json.loads(statuses.stdout)["jobs"]] == [
+            ("COMPLETED", 0),
+            ("FAILED", 3),
+        ]
+
+
+@pytest.mark.exclusive
+def test_a_sacct_that_never_answers_does_not_hold_up_wait_or_status(server, remote_dir):
+    with variant("sacct-hangs"):
+        job_id = _submit(server, remote_dir, "exit 4")
+        final = server.wait([job_id], timeout=120)[job_id]
+        assert (final.status, final.exit_code) == (sl_forgery.JobStatus.FAILED, 4)
+        status = cli("status", "--json", job_id, timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["jobs"][0]["state"] == "FAILED"
