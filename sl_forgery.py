@@ -3850,20 +3850,27 @@ class SSHConnection:
             process.wait()
             os.close(slot)
 
-    def stream(self, script: str, sink: Callable[[bytes], object], *, what: str = "") -> None:
-        """Run a remote script and hand its output to ``sink`` in chunks as it comes, in constant memory (a log of
-        any size); a non-zero exit raises as `run` does, with the end of its stderr."""
+    @contextlib.contextmanager
+    def _piped_call(self, argv: Sequence[str]) -> Iterator[subprocess.Popen]:
+        """A call over the master with all three of its streams piped, in its turn where calls take turns."""
         import subprocess
 
-        self.ensure_connected()
-        argv = self._call_argv()
-        self._log(argv, script)
         with (
             self._call_slot(),
             subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
             ) as process,
         ):
+            yield process
+
+    def stream(self, script: str, sink: Callable[[bytes], object], *, what: str = "") -> None:
+        """Run a remote script and hand its output to ``sink`` in chunks as it comes, in constant memory (a log of
+        any size); a non-zero exit raises as `run` does, with the end of its stderr."""
+
+        self.ensure_connected()
+        argv = self._call_argv()
+        self._log(argv, script)
+        with self._piped_call(argv) as process:
             assert process.stdin and process.stdout and process.stderr
             process.stdin.write(framed_script(script).encode())
             process.stdin.close()
@@ -3889,18 +3896,12 @@ class SSHConnection:
         constant memory: the script goes first, its length before it, read by a fixed command that every login shell
         parses and that reads no byte past it (``/bin/sh -s`` would read ahead into the data)."""
         import shutil
-        import subprocess
 
         self.ensure_connected()
         argv = [*self._call_argv()[:-1], REMOTE_SHELL_WITH_DATA]
         self._log(argv, script)
         framed = f"printf '%s\\n' {OUTPUT_MARKER}\n{script}\n".encode()
-        with (
-            self._call_slot(),
-            subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-            ) as process,
-        ):
+        with self._piped_call(argv) as process:
             assert process.stdin and process.stdout and process.stderr
             try:
                 process.stdin.write(b"%d\n" % len(framed) + framed)
@@ -4452,6 +4453,26 @@ class Server:
         with watching:
             return self._wait_loop(progress, start_watcher, on_change, nonces, cancel_impossible, record_paths)
 
+    def _ask_scheduler(
+        self, progress: WaitProgress, on_change: Callable[[JobInfo], None] | None, cancel_impossible: bool
+    ) -> bool:
+        """One scheduler query for the jobs still waited for; True once every job has ended. A busy controller is
+        ridden out (see `WaitProgress.scheduler_silent`); an unknown job or one that can never start raises."""
+        try:
+            infos = self.job_info(progress.unfinished())
+        except SchedulerBusy as busy:
+            self.scheduler_failures += 1
+            progress.scheduler_silent(busy, time.monotonic())
+            return False
+        for info in progress.update(infos, time.monotonic()):
+            if on_change:
+                on_change(info)
+        if progress.done():
+            return True
+        progress.check_known(self.profile.name)
+        self._stop_never_starting(progress, cancel_impossible)
+        return False
+
     def _stop_never_starting(self, progress: WaitProgress, cancel: bool) -> None:
         """Raise `JobCannotStart` for jobs pending for a reason that never clears, cancelling them if asked."""
         stuck = progress.never_starting()
@@ -4494,22 +4515,8 @@ class Server:
             if self._cancel_notice() != notice:
                 notice = self._cancel_notice()
                 progress.schedule.next_query = now  # a job may have been cancelled from here: ask now
-            if progress.schedule.due(now):
-                try:
-                    infos = self.job_info(progress.unfinished())
-                except SchedulerBusy as busy:
-                    self.scheduler_failures += 1
-                    progress.scheduler_silent(busy, time.monotonic())
-                    infos = None
-                if infos is not None:
-                    changed = progress.update(infos, time.monotonic())
-                    for info in changed:
-                        if on_change:
-                            on_change(info)
-                    if progress.done():
-                        return progress.result()
-                    progress.check_known(self.profile.name)
-                    self._stop_never_starting(progress, cancel_impossible)
+            if progress.schedule.due(now) and self._ask_scheduler(progress, on_change, cancel_impossible):
+                return progress.result()
             progress.check_deadline(time.monotonic())
             pause = min(progress.pause(time.monotonic()), CANCEL_NOTICE_CHECK)
             if watcher is None:
