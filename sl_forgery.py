@@ -1751,7 +1751,7 @@ def plan_script(
     *,
     default_name: str,
     default_directory: Callable[[str], str],
-    home: str,
+    home: Callable[[], str],
     job_name: str | None = None,
     working_directory: str | None = None,
     sbatch_args: Sequence[str] = (),
@@ -1761,7 +1761,8 @@ def plan_script(
 ) -> SubmissionPlan:
     """The plan for a user's own script, as sbatch will read it: options given here override its ``#SBATCH``
     lines; a profile default (``defaults``: partition, account) applies only where neither sets the option; the
-    job runs in ``working_directory``, else the script's own ``--chdir`` (relative to the remote ``home``), else
+    job runs in ``working_directory``, else the script's own ``--chdir`` (a relative one under the remote ``home()``,
+    asked only then), else
     ``default_directory(name)``. The exit record is added to sh and bash scripts (see `inject_exit_record`)."""
     own = read_sbatch_directives(script)
     given = dict(parse_sbatch_words(sbatch_args))
@@ -1777,7 +1778,8 @@ def plan_script(
         args.append(f"--job-name={name}")
     own_directory = own.get("chdir")
     if working_directory is None and own_directory:
-        working_directory = str(PurePosixPath(home, own_directory))
+        relative = not own_directory.startswith("/")
+        working_directory = str(PurePosixPath(home(), own_directory)) if relative else own_directory
     working_directory = _remote_path("the working directory", working_directory or default_directory(name))
     args.append(f"--chdir={working_directory}")
     for field, value in (defaults or {}).items():
@@ -4263,12 +4265,11 @@ class Server:
     ) -> SubmissionPlan:
         """What submitting a user's own script will do (see `plan_script`); ``home`` stands in for the remote home
         where the server must not be asked (a dry run)."""
-        home = home or self.remote_home()
         return plan_script(
             script,
             default_name=default_name,
             default_directory=lambda name: self.job_directory(name, home),
-            home=home,
+            home=lambda: home or self.remote_home(),
             job_name=job_name,
             working_directory=working_directory,
             sbatch_args=sbatch_args,
@@ -5451,9 +5452,10 @@ def _dry_run_server(args: Any) -> Server:
 UNKNOWN_HOME = "/~"
 
 
-def _plan_home(server: Server, dry_run: bool) -> str:
-    """The remote home directory, for paths under it: asked once and remembered; a dry run uses what is known."""
-    return (server.known_home() or UNKNOWN_HOME) if dry_run else server.remote_home()
+def _plan_home(server: Server, dry_run: bool) -> str | None:
+    """What stands for the remote home in a dry run (what is known of it); None for a real run, which asks the
+    server for it only if a path needs it."""
+    return (server.known_home() or UNKNOWN_HOME) if dry_run else None
 
 
 def _flag_values(args: Any) -> dict[str, Any]:
