@@ -3710,6 +3710,11 @@ class SSHConnection:
         holder = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
         )
+        import threading
+
+        # A login that never answers must not hold the master's start for ever.
+        give_up = threading.Timer(self.timeout, holder.kill)
+        give_up.start()
         try:
             assert holder.stdin is not None and holder.stdout is not None
             # Not framed: the session lasts until its stdin closes, so that it ends the moment the probe is done.
@@ -3723,6 +3728,7 @@ class SSHConnection:
             else:
                 limit = 1  # the first session ended at once: the safest reading
         finally:
+            give_up.cancel()
             holder.stdin.close()
             holder.wait()
         write_private_file(self._limit_path(), str(limit))
