@@ -1,7 +1,7 @@
 """Fixtures over real components: the loopback SLURM cluster from scripts/cluster, private directories per test,
 and a real Secret Service keyring (gnome-keyring on a private D-Bus session).
 
-Several runs of the suite may share one cluster (two worktrees, or two copies of the suite at once). Every test
+Several runs of the suite may share one cluster (two checkouts, or two copies of the suite at once). Every test
 that uses the cluster holds a shared lock on STATE/tests.lock while it runs; a test marked ``exclusive`` (it stops
 a daemon, delays the epilog or rewrites the test user's .bashrc) holds it exclusively, so it runs while no other
 test of any run does, and no other test runs until it has restored what it changed.
@@ -226,7 +226,7 @@ def private_dirs(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def secret_service(tmp_path_factory) -> None:
-    """A real Secret Service for the `keyring` library: the one scripts/test (or /work/pt) started, or our own,
+    """A real Secret Service for the `keyring` library: the one scripts/test started, or our own,
     ended by its pid when the run ends."""
     if os.environ.get("DBUS_SESSION_BUS_ADDRESS") and os.environ.get("SL_FORGERY_TEST_KEYRING") == "ready":
         yield
