@@ -10,6 +10,7 @@ test of any run does, and no other test runs until it has restored what it chang
 from __future__ import annotations
 
 import fcntl
+import contextlib
 import os
 import re
 import shutil
@@ -372,6 +373,17 @@ def process_state(pid: int) -> str:
 def client_port(connection) -> int:
     """The local TCP port of the connection a remote command ran over, as the server saw it."""
     return int(connection.run("echo $SSH_CONNECTION").stdout.split()[1])
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """One of the test cluster's harsher set-ups (see scripts/cluster), switched on for a test and off after it,
+    even when the test fails; only a test marked ``exclusive`` may use it (it changes the cluster for every run)."""
+    subprocess.run([str(CLUSTER), "variant", name, "on"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([str(CLUSTER), "variant", name, "off"], check=True, capture_output=True)
 
 
 def console_script(name: str) -> str:

@@ -1,6 +1,5 @@
 """The test bed itself tells the truth: SLURM over SSH with key and password, exit codes, and the conda shim."""
 
-import contextlib
 import os
 import re
 import subprocess
@@ -9,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER, console_script
+from conftest import console_script, variant
 
 
 def _sacct_row(cluster, job_id: str, deadline: float = 30) -> str:
@@ -150,20 +149,11 @@ def test_the_venv_and_the_uv_project_are_real_environments(cluster):
     assert missing.returncode != 0 and "does not exist" in missing.stderr
 
 
-@contextlib.contextmanager
-def _variant(name: str):
-    subprocess.run([str(CLUSTER), "variant", name, "on"], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run([str(CLUSTER), "variant", name, "off"], check=True, capture_output=True)
-
-
 @pytest.mark.exclusive
 def test_maxsessions_variant_refuses_a_second_session_over_one_connection(cluster, tmp_path):
     socket = tmp_path / "m.sock"
     mux = ["-o", f"ControlPath={socket}", "-o", "ProxyCommand=false"]
-    with _variant("maxsessions"):
+    with variant("maxsessions"):
         subprocess.run(
             ["ssh", "-F", str(cluster.ssh_config), "-o", "ControlMaster=yes", "-o", f"ControlPath={socket}",
              "-o", "ControlPersist=60", "-fN", "slfc-maxsessions"],
@@ -233,7 +223,7 @@ def test_otp_variant_asks_a_one_time_code_after_the_key_and_refuses_a_wrong_one(
             capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=30,
         )  # fmt: skip
 
-    with _variant("otp"):
+    with variant("otp"):
         wrong = login("echo 000000")
         assert wrong.returncode == 255 and "Permission denied (keyboard-interactive)" in wrong.stderr
         # A code is accepted once; a code of a later 30 s step is valid already.
@@ -245,7 +235,7 @@ def test_otp_variant_asks_a_one_time_code_after_the_key_and_refuses_a_wrong_one(
 
 @pytest.mark.exclusive
 def test_no_accounting_variant_turns_sacct_off_while_squeue_and_jobs_go_on(cluster):
-    with _variant("no-accounting"):
+    with variant("no-accounting"):
         refused = cluster.ssh("sacct -n -X -S now", check=False)
         assert refused.returncode != 0 and "accounting storage is disabled" in refused.stderr
         job_id = cluster.ssh("sbatch --parsable --wrap 'exit 3'").stdout.strip()
@@ -258,7 +248,7 @@ def test_no_accounting_variant_turns_sacct_off_while_squeue_and_jobs_go_on(clust
 
 @pytest.mark.exclusive
 def test_sacct_hangs_variant_leaves_sacct_without_an_answer(cluster):
-    with _variant("sacct-hangs"):
+    with variant("sacct-hangs"):
         hung = cluster.ssh("timeout 5 sacct -n -X -S now", check=False)
         assert hung.returncode == 124
         assert cluster.ssh("sbatch --parsable --wrap true").stdout.strip().isdigit()

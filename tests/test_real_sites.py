@@ -7,13 +7,12 @@ import json
 import re
 import subprocess
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import sl_forgery
-from conftest import CLUSTER, cli, console_script
+from conftest import cli, console_script, variant
 
 SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
 
@@ -22,15 +21,6 @@ def _bed() -> dict[str, str]:
     from conftest import _cluster_env
 
     return _cluster_env()
-
-
-@contextmanager
-def variant(name: str):
-    subprocess.run([str(CLUSTER), "variant", name, "on"], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run([str(CLUSTER), "variant", name, "off"], check=True, capture_output=True)
 
 
 def add_profile(cluster, name: str, user: str | None = None, port: int | None = None, **settings) -> str:
