@@ -1,5 +1,6 @@
 """Servers and secrets with real components: a Secret Service keyring, the test sshd, and the askpass helper."""
 
+import contextlib
 import json
 import os
 import re
@@ -61,6 +62,25 @@ def processes_holding(secret: bytes) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def processes_seen_holding(secret: bytes):
+    """Scans /proc without pause while the block runs; yields the list of processes seen holding ``secret``."""
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.extend(processes_holding(secret))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        watcher.join()
+
+
 def test_keyring_stores_reads_and_deletes(secret_service):
     backend = sl_forgery.secure_keyring()
     assert type(backend).__module__ == "keyring.backends.SecretService"
@@ -76,22 +96,10 @@ def test_password_login_through_askpass_leaks_the_password_nowhere(secret_servic
     sl_forgery.store_password(profile.keyring_account, cluster.password)
     close_master(profile)
     secret = cluster.password.encode()
-    seen: list[str] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.extend(processes_holding(secret))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with processes_seen_holding(secret) as seen:
         connection = sl_forgery.SSHConnection(profile)
         assert connection.connect()
         assert connection.run("whoami").stdout == f"{cluster.user}\n"
-    finally:
-        done.set()
-        watcher.join()
     assert seen == []
     assert processes_holding(secret) == []
     for path in home.rglob("*"):
@@ -503,21 +511,11 @@ def test_a_proxyjump_login_with_a_password_leaks_it_nowhere(secret_service, clus
     connection = sl_forgery.SSHConnection(profile)
     connection.disconnect()
     secret = cluster.password.encode()
-    seen: list[str] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.extend(processes_holding(secret))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
     try:
-        assert connection.connect()
-        assert connection.run("whoami").stdout == f"{cluster.user}\n"
+        with processes_seen_holding(secret) as seen:
+            assert connection.connect()
+            assert connection.run("whoami").stdout == f"{cluster.user}\n"
     finally:
-        done.set()
-        watcher.join()
         connection.disconnect()
     assert seen == []
 
