@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import time
 
-from common import ROOT, cluster_env, median_seconds, print_table, private_profile
+from common import ROOT, cluster_env, connected_bench, median_seconds, print_table
 
 import sl_forgery
 
@@ -25,25 +25,12 @@ def main() -> None:
     args = parser.parse_args()
 
     env = cluster_env()
-    server = private_profile(env)
+    server, raw_ssh = connected_bench(env)
     connection = server.connection
-    connection.ensure_connected()
     home = server.remote_home()
     workdir = f"{home}/bench"
 
-    raw_master = [
-        "ssh",
-        "-o",
-        f"ControlPath={connection.socket_path()}",
-        "-o",
-        "ControlMaster=no",
-        "-p",
-        env["SLF_CLUSTER_PORT"],
-        "-l",
-        env["SLF_CLUSTER_USER"],
-        env["SLF_CLUSTER_HOST"],
-        "sbatch --parsable -o /dev/null --wrap true",
-    ]
+    raw_master = [*raw_ssh, "sbatch --parsable -o /dev/null --wrap true"]
     fresh = [
         "ssh",
         "-o",

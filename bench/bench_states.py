@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from common import ROOT, cluster_env, median_seconds, print_table, private_profile
+from common import ROOT, cluster_env, connected_bench, median_seconds, print_table
 
 import sl_forgery
 
@@ -45,13 +45,10 @@ def main() -> None:
     args = parser.parse_args()
 
     env = cluster_env()
-    server = private_profile(env)
+    server, raw = connected_bench(env)
     connection = server.connection
-    connection.ensure_connected()
     home = server.remote_home()
     workdir = f"{home}/bench-states"
-    raw = ["ssh", "-o", f"ControlPath={connection.socket_path()}", "-o", "ControlMaster=no"]
-    raw += ["-p", env["SLF_CLUSTER_PORT"], "-l", env["SLF_CLUSTER_USER"], env["SLF_CLUSTER_HOST"]]
 
     def run(argv: list[str]) -> None:
         subprocess.run(argv, capture_output=True, check=True)

@@ -43,6 +43,16 @@ def private_profile(env: dict[str, str]) -> sl_forgery.Server:
     return sl_forgery.Server.from_profile("bench")
 
 
+def connected_bench(env: dict[str, str]) -> tuple[sl_forgery.Server, list[str]]:
+    """A private profile's server with its master running, and the argv of a raw ``ssh`` over that same master
+    (the baseline: the cost of the call itself), to which a remote command is appended."""
+    server = private_profile(env)
+    server.connection.ensure_connected()
+    raw = ["ssh", "-o", f"ControlPath={server.connection.socket_path()}", "-o", "ControlMaster=no"]
+    raw += ["-p", env["SLF_CLUSTER_PORT"], "-l", env["SLF_CLUSTER_USER"], env["SLF_CLUSTER_HOST"]]
+    return server, raw
+
+
 def median_seconds(action, repeat: int) -> float:
     times = []
     for _ in range(repeat):
