@@ -94,7 +94,8 @@ class Cluster:
             time.sleep(0.2)
 
 
-def _cluster_env() -> dict[str, str]:
+def bed() -> dict[str, str]:
+    """The test cluster's facts (users, ports, files of its variants), as `scripts/cluster env` prints them."""
     output = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
@@ -137,7 +138,7 @@ def cluster() -> Cluster:
     """The running test cluster, started when it is not up. It is never brought down here: other runs of the suite,
     a demo or a benchmark may be using it, and none of them tells this run so. scripts/test, which brought it up,
     brings it down; otherwise `scripts/cluster down` does."""
-    env = _cluster_env()
+    env = bed()
     state = Path(env["SLF_CLUSTER_STATE"])
     state.mkdir(parents=True, exist_ok=True)
     # Under a shared test lock, so that a daemon an exclusive test stopped on purpose is not restarted under it.

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import console_script, variant
+from conftest import bed, console_script, variant
 
 
 def _sacct_row(cluster, job_id: str, deadline: float = 30) -> str:
@@ -86,12 +86,6 @@ def test_help_and_version_from_the_installed_console_script():
 # switches on for itself.
 
 
-def _bed() -> dict[str, str]:
-    from conftest import _cluster_env
-
-    return _cluster_env()
-
-
 def _ssh_as(cluster, user: str, command: str, *options: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["ssh", "-F", str(cluster.ssh_config), *options, "-l", user, "slfc", command],
@@ -103,7 +97,7 @@ def _ssh_as(cluster, user: str, command: str, *options: str, timeout: float = 60
 
 
 def test_users_with_every_login_shell_log_in_with_the_same_key_and_reach_slurm(cluster):
-    shells = dict(entry.split(":", 1)[::-1] for entry in _bed()["SLF_CLUSTER_SHELL_USERS"].split(","))
+    shells = dict(entry.split(":", 1)[::-1] for entry in bed()["SLF_CLUSTER_SHELL_USERS"].split(","))
     assert {os.path.basename(shell) for shell in shells} == {"bash", "tcsh", "zsh", "fish", "dash"}
     for shell, user in shells.items():
         # A command every shell parses the same way.
@@ -119,10 +113,10 @@ def test_users_with_every_login_shell_log_in_with_the_same_key_and_reach_slurm(c
 
 
 def test_the_module_user_gets_conda_and_uv_only_through_module_load_in_a_batch_job(cluster):
-    bed = _bed()
-    user, module = bed["SLF_CLUSTER_MODULE_USER"], bed["SLF_CLUSTER_MODULE"]
+    facts = bed()
+    user, module = facts["SLF_CLUSTER_MODULE_USER"], facts["SLF_CLUSTER_MODULE"]
     assert _ssh_as(cluster, user, "command -v conda || command -v uv").returncode != 0
-    directory = f"{bed['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
+    directory = f"{facts['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
     script = (
         f"#!/bin/bash\n#SBATCH --output={directory}/out.txt\n#SBATCH --error={directory}/err.txt\nset -e\n"
         "command -v module || . /etc/profile.d/lmod.sh\n"
@@ -139,8 +133,8 @@ def test_the_module_user_gets_conda_and_uv_only_through_module_load_in_a_batch_j
 
 
 def test_the_venv_and_the_uv_project_are_real_environments(cluster):
-    bed = _bed()
-    venv, project = bed["SLF_CLUSTER_VENV"], bed["SLF_CLUSTER_UV_PROJECT"]
+    facts = bed()
+    venv, project = facts["SLF_CLUSTER_VENV"], facts["SLF_CLUSTER_UV_PROJECT"]
     prefix = "python -c 'import sys; print(sys.prefix)'"
     assert cluster.ssh(f". {venv}/bin/activate && {prefix}").stdout.strip() == venv
     in_project = cluster.ssh(f"uv run --project {project} --frozen -- {prefix}")
@@ -211,7 +205,7 @@ def unused_code_time(cluster, secret: str) -> int:
 
 @pytest.mark.exclusive
 def test_otp_variant_asks_a_one_time_code_after_the_key_and_refuses_a_wrong_one(cluster, tmp_path):
-    secret = Path(_bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
+    secret = Path(bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
     prompts = tmp_path / "prompts"
 
     def login(code_command: str) -> subprocess.CompletedProcess:

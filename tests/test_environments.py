@@ -15,17 +15,11 @@ import uuid
 import pytest
 
 import sl_forgery
-from conftest import cli
+from conftest import bed, cli
 from sl_forgery import Job, JobStatus, UsageError
 
 SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
 PRINT_PREFIX = "python -c 'import sys; print(sys.prefix)'"
-
-
-def _bed() -> dict[str, str]:
-    from conftest import _cluster_env
-
-    return _cluster_env()
 
 
 def _job(directory: str, activate: str | None = None, **extra) -> Job:
@@ -165,9 +159,9 @@ def test_profile_setup_and_env_manager_are_kept_and_checked(home):
 
 def _environments() -> dict[str, tuple[str, str | None, str]]:
     """name -> (environment, env_manager, the sys.prefix the job must see)"""
-    bed = _bed()
-    conda_env = f"{bed['SLF_CLUSTER_CONDA_ENVS']}/analysis"
-    venv, project = bed["SLF_CLUSTER_VENV"], bed["SLF_CLUSTER_UV_PROJECT"]
+    facts = bed()
+    conda_env = f"{facts['SLF_CLUSTER_CONDA_ENVS']}/analysis"
+    venv, project = facts["SLF_CLUSTER_VENV"], facts["SLF_CLUSTER_UV_PROJECT"]
     return {
         "conda": ("analysis", None, conda_env),
         "mamba": ("analysis", "mamba", conda_env),
@@ -225,8 +219,8 @@ def test_a_missing_manager_or_environment_fails_at_once_with_its_message_and_the
 
 @pytest.fixture
 def module_user_server(cluster, home):
-    bed = _bed()
-    user = bed["SLF_CLUSTER_MODULE_USER"]
+    facts = bed()
+    user = facts["SLF_CLUSTER_MODULE_USER"]
     config = sl_forgery.Config(sl_forgery.config_path())
     config.servers["modules"] = sl_forgery.Profile(
         name="modules",
@@ -235,17 +229,17 @@ def module_user_server(cluster, home):
         user=user,
         identity_file=str(cluster.key),
         ssh_options=[f"UserKnownHostsFile={cluster.known_hosts}", "IdentitiesOnly=yes"],
-        setup=[f"module load {bed['SLF_CLUSTER_MODULE']}"],
+        setup=[f"module load {facts['SLF_CLUSTER_MODULE']}"],
     )
     config.default = "modules"
     config.save()
     with sl_forgery.Server.from_profile("modules") as server:
-        yield server, f"{bed['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
+        yield server, f"{facts['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
 
 
 def test_a_job_loads_conda_and_uv_from_a_module_when_the_profile_says_so(module_user_server):
     _, directory = module_user_server
-    for manager, environment in (("conda", "analysis"), ("uv", _bed()["SLF_CLUSTER_UV_PROJECT"])):
+    for manager, environment in (("conda", "analysis"), ("uv", bed()["SLF_CLUSTER_UV_PROJECT"])):
         workdir = f"{directory}/{manager}"
         run = cli("run", "--env", environment, "--env-manager", manager, "--workdir", workdir, "--wait", "--",
                   "sl-verify-session", "-sp", "/m")  # fmt: skip

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import sl_forgery
-from conftest import CLUSTER, cli, console_script
+from conftest import CLUSTER, bed, cli, console_script
 
 
 class Terminal:
@@ -125,21 +125,19 @@ def _doctor_rows(*args: str, env: dict[str, str] | None = None) -> tuple[int, di
 
 @pytest.fixture
 def module_user_profile(cluster, profile_name):
-    from conftest import _cluster_env
-
-    bed = _cluster_env()
+    facts = bed()
     config = sl_forgery.load_config()
     config.servers["modules"] = sl_forgery.Profile(
         name="modules",
         host=cluster.host,
         port=cluster.port,
-        user=bed["SLF_CLUSTER_MODULE_USER"],
+        user=facts["SLF_CLUSTER_MODULE_USER"],
         identity_file=str(cluster.key),
         ssh_options=[f"UserKnownHostsFile={cluster.known_hosts}", "IdentitiesOnly=yes"],
         conda_environment="analysis",
     )
     config.save()
-    return "modules", bed["SLF_CLUSTER_MODULE"]
+    return "modules", facts["SLF_CLUSTER_MODULE"]
 
 
 def test_doctor_checks_the_environment_the_profile_uses_through_its_module(module_user_profile):

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 
 import sl_forgery
-from conftest import cli, console_script, variant
+from conftest import bed, cli, console_script, variant
 
 SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
-
-
-def _bed() -> dict[str, str]:
-    from conftest import _cluster_env
-
-    return _cluster_env()
 
 
 def add_profile(cluster, name: str, user: str | None = None, port: int | None = None, **settings) -> str:
@@ -61,7 +55,7 @@ class LogWatch:
 
 def _shell_users() -> dict[str, str]:
     """login shell name -> user"""
-    entries = (entry.split(":", 1) for entry in _bed()["SLF_CLUSTER_SHELL_USERS"].split(","))
+    entries = (entry.split(":", 1) for entry in bed()["SLF_CLUSTER_SHELL_USERS"].split(","))
     return {Path(shell).name: user for user, shell in entries}
 
 
@@ -69,7 +63,7 @@ def _shell_users() -> dict[str, str]:
 def test_the_same_job_runs_end_to_end_whatever_the_login_shell(cluster, home, shell):
     user = _shell_users()[shell]
     add_profile(cluster, f"as-{shell}", user=user)
-    workdir = f"{_bed()['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
+    workdir = f"{bed()['SLF_CLUSTER_STATE']}/home/{user}/tests/{uuid.uuid4().hex[:8]}"
     ran = cli("run", "--env", "analysis", "--workdir", workdir, "--wait", "--", "sl-verify-session", "-sp", "/data/s1")
     assert ran.returncode == 0, ran.stderr
     job_id, output = ran.stdout.split("\n", 1)
@@ -91,10 +85,10 @@ def test_the_same_job_runs_end_to_end_whatever_the_login_shell(cluster, home, sh
 
 @pytest.mark.exclusive
 def test_with_one_session_ten_waits_submits_and_status_all_end_right_over_one_connection(cluster, home, tmp_path):
-    bed = _bed()
+    facts = bed()
     with variant("maxsessions"):
-        add_profile(cluster, "one-session", port=int(bed["SLF_CLUSTER_MAXSESSIONS_PORT"]))
-        log = LogWatch(Path(bed["SLF_CLUSTER_MAXSESSIONS_LOG"]))
+        add_profile(cluster, "one-session", port=int(facts["SLF_CLUSTER_MAXSESSIONS_PORT"]))
+        log = LogWatch(Path(facts["SLF_CLUSTER_MAXSESSIONS_LOG"]))
         workdir = f"{cluster.home}/tests/one-session-{uuid.uuid4().hex[:8]}"
         job_ids = []
         for code in range(10):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import sl_forgery
-from conftest import ROOT, cli, client_port, console_script, own_masters
+from conftest import ROOT, bed, cli, client_port, console_script, own_masters, variant
 
 
 def password_profile(cluster, name="pw", known_hosts=None) -> sl_forgery.Profile:
@@ -598,9 +598,9 @@ def test_a_one_time_code_is_asked_on_the_users_terminal_and_never_answered_with_
 ):
     import pty
 
-    from test_cluster import _bed, _variant, unused_code_time
+    from test_cluster import unused_code_time
 
-    otp_secret = Path(_bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
+    otp_secret = Path(bed()["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
     # A password profile on a server that asks a key, then a one-time code (no password prompt at all).
     profile = sl_forgery.Profile(
         name="otp", host="slfc-otp", ssh_config=str(cluster.ssh_config), password_in_keyring=True
@@ -608,7 +608,7 @@ def test_a_one_time_code_is_asked_on_the_users_terminal_and_never_answered_with_
     save_profile(profile)
     sl_forgery.store_password(profile.keyring_account, cluster.password)
     close_master(profile)
-    with _variant("otp"):
+    with variant("otp"):
         moment = unused_code_time(cluster, otp_secret)
         code = subprocess.run(
             ["oathtool", "--totp", "-N", f"@{moment}", otp_secret], capture_output=True, text=True, check=True
