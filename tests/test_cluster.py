@@ -247,3 +247,15 @@ def test_sacct_hangs_variant_leaves_sacct_without_an_answer(cluster):
         assert hung.returncode == 124
         assert cluster.ssh("sbatch --parsable --wrap true").stdout.strip().isdigit()
     assert cluster.ssh("timeout 20 sacct -n -X -S now", check=False).returncode == 0
+
+
+@pytest.mark.exclusive
+def test_short_job_age_variant_makes_squeue_forget_an_ended_job(cluster, unique_name):
+    with variant("short-job-age"):
+        job_id = cluster.ssh(f"sbatch --parsable -J {unique_name} -o /dev/null --wrap true").stdout.strip()
+        # slurmctld purges ended jobs older than MinJobAge once a minute.
+        deadline = time.monotonic() + 180
+        while (state := cluster.job_state(job_id)) != "":
+            assert time.monotonic() < deadline, f"squeue still lists job {job_id} ({state})"
+            time.sleep(0.5)
+    assert re.search(r"^MinJobAge += 300 sec$", cluster.ssh("scontrol show config").stdout, re.MULTILINE)
