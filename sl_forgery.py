@@ -179,6 +179,14 @@ class JupyterError(SlForgeryError):
         self.log_tail = log_tail
 
 
+class TensorBoardError(SlForgeryError):
+    """TensorBoard could not start in its job; ``log_tail`` holds the end of its log."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
 class UnknownJobError(SlForgeryError):
     """No scheduler command, exit record or local submission knows a job: waiting for it would never end."""
 
@@ -2194,6 +2202,108 @@ def srun_shell_command(job_id: str, prelude: Sequence[str] = ()) -> str:
         inner = f'exec {shlex.join(srun)} "${{SHELL:-/bin/bash}}" -l'
     # The login shell runs it: sh -c keeps the syntax POSIX whatever that shell is (tcsh, fish).
     return shlex.join(["/bin/sh", "-c", inner])
+
+
+# What a TensorBoard job asks for unless told otherwise: one viewer, for an afternoon.
+TENSORBOARD_DEFAULTS = {"cpus_to_use": 1, "ram_gb": 4, "time_limit": 240}
+
+
+def tensorboard_logdir(logdir: str) -> str:
+    """A log directory on the server, quoted for the shell: an absolute path, ``~/...``, or a path relative to the
+    remote home (where every command over the connection starts).
+
+    >>> print(tensorboard_logdir("runs/exp 1"), tensorboard_logdir("/scratch/runs"))
+    "$HOME"/'runs/exp 1' /scratch/runs
+    """
+    logdir = _check_text("LOGDIR", logdir)
+    if not logdir.startswith(("/", "~")):
+        logdir = "~/" + logdir
+    if logdir.startswith("~") and logdir != "~" and not logdir.startswith("~/"):
+        raise UsageError(f"LOGDIR {logdir!r}: another user's ~ is not supported; give the absolute path")
+    return _shell_path(logdir)
+
+
+def render_tensorboard_commands(run_directory: str, logdir: str) -> list[str]:
+    """Shell lines that run TensorBoard on a job's node, serving ``logdir`` (already quoted for the shell).
+
+    It listens only on the address the cluster reaches the node by (its NodeAddr, never all interfaces) on a port
+    the node picks, and answers only under a random path made on the node (every other path is a 404): TensorBoard
+    has no token, and anyone on the node, or who reaches it, could read it otherwise. The path reaches TensorBoard
+    through a flag file in a 0700 directory, never a command line (``ps`` shows those to every user), and its own
+    info file there tells the client the port. ``--load_fast=false``: the fast loader serves the logs again,
+    without any check, from a second server on the node."""
+    run = shlex.quote(run_directory)
+    tensorboard = [
+        "tensorboard",
+        f"--flagfile={run_directory}/flags",
+        "--port=0",
+        "--load_fast=false",
+    ]
+    return [
+        "umask 077",
+        f"mkdir -p {run}",
+        "__slf_addr=$(scontrol show node -o \"$SLURMD_NODENAME\" | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')",
+        '[ -n "$__slf_addr" ] || ' + _fail('"cannot read this node\'s NodeAddr from scontrol"'),
+        f"printf -- '--path_prefix=/%s\\n' \"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')\" > {run}/flags",
+        f"export TMPDIR={run}",  # where TensorBoard writes its info file (port, path)
+        f'{shlex.join(tensorboard)} --logdir={logdir} --host="$__slf_addr" >> {run}/tensorboard.log 2>&1',
+    ]
+
+
+def tensorboard_step_command(job_id: str, run_directory: str, node_script: str) -> str:
+    """The login-node script that starts ``node_script`` as a step of a running job (``srun --overlap``, beside
+    what the job runs) and returns at once: srun runs on in its own session, writes its log and, when the step
+    ends, its exit code (``ended``) into ``run_directory``. The step's id goes into ``step`` there, for scancel."""
+    run = shlex.quote(run_directory)
+    on_node = f'printf "%s.%s\\n" "$SLURM_JOB_ID" "$SLURM_STEP_ID" > {run}/step\n{node_script}'
+    srun = ["srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", "--job-name=tensorboard"]
+    step = f'{shlex.join(srun)} bash -c "$1"; echo $? > {run}/ended'
+    return (
+        f"umask 077 && mkdir -p {run} &&\n"
+        f"setsid sh -c {shlex.quote(step)} sh {shlex.quote(on_node)} </dev/null >> {run}/tensorboard.log 2>&1 &"
+    )
+
+
+def tensorboard_poll_command(run_directory: str) -> str:
+    """A login-node script printing what a TensorBoard's run directory says so far: ``ended RC`` (its step ended),
+    ``step ID``, then ``info`` and TensorBoard's info file."""
+    run = shlex.quote(run_directory)
+    return (
+        f"cd {run} 2>/dev/null || exit 0\n"
+        '[ -f ended ] && printf "ended %s\\n" "$(cat ended)"\n'
+        '[ -f step ] && printf "step %s\\n" "$(cat step)"\n'
+        'for f in .tensorboard-info/pid-*.info; do [ -f "$f" ] && echo info && cat "$f"; break; done\n'
+        "true"
+    )
+
+
+def parse_tensorboard_poll(stdout: str) -> tuple[int | None, str | None, int | None, str | None]:
+    """``(ended, step, port, path)`` from `tensorboard_poll_command`'s output; each ``None`` until known. A value
+    that is not what TensorBoard and srun write (the files come from the node) stays ``None``.
+
+    >>> parse_tensorboard_poll('step 42.3\\ninfo\\n{"port": 41234, "path_prefix": "/' + 32 * 'a' + '"}\\n')[1:3]
+    ('42.3', 41234)
+    >>> parse_tensorboard_poll("ended 127\\n")
+    (127, None, None, None)
+    """
+    import json
+
+    head, _, info = stdout.partition("info\n")
+    fields = dict(line.split(" ", 1) for line in head.splitlines() if " " in line)
+    ended = int(fields["ended"]) if re.fullmatch(r"[0-9]+", fields.get("ended", "")) else None
+    step = fields.get("step") if re.fullmatch(r"[0-9]+\.[0-9]+", fields.get("step", "")) else None
+    try:
+        details = json.loads(info) if info else None
+    except ValueError:
+        details = None  # still being written
+    port = path = None
+    if isinstance(details, dict):
+        candidate_port, candidate_path = details.get("port"), details.get("path_prefix")
+        if type(candidate_port) is int and 0 < candidate_port < 65536:
+            port = candidate_port
+        if isinstance(candidate_path, str) and re.fullmatch(r"/[0-9a-f]{32}", candidate_path):
+            path = candidate_path
+    return ended, step, port, path
 
 
 def rsync_argv(
@@ -5058,13 +5168,31 @@ class Server:
         job_id = normalize_job_id(job_id)
         port = _check_int("port", port)
         node = self.job_node(job_id, timeout=timeout, on_change=on_change)
+
+        def answered(local_port: int) -> str:
+            wait_for_port(local_port, timeout, f"port {port} of job {job_id}'s node {node['NodeName']}")
+            return f"http://127.0.0.1:{local_port}/"
+
+        return self._tunnel(job_id, node, port, local_port, answered)
+
+    def _tunnel(
+        self,
+        job_id: str,
+        node: Mapping[str, str],
+        port: int,
+        local_port: int | None,
+        answered: Callable[[int], str],
+        **more: Any,
+    ) -> dict[str, Any]:
+        """Forward a local port to ``port`` on ``node``; once ``answered(local_port)`` returns the URL, record the
+        forward (with ``more``) and return its record. Whatever goes wrong before takes the forward away."""
         host = node.get("NodeAddr") or node["NodeName"]
         if local_port is None:
             local_port = self.connection.forward_free_port(host, port)
         elif not self.connection.forward(_check_int("--local port", local_port), host, port):
             raise UsageError(f"local port {local_port} is taken; pick another with --local, or leave it out")
         try:
-            wait_for_port(local_port, timeout, f"port {port} of job {job_id}'s node {node['NodeName']}")
+            url = answered(local_port)
         except BaseException:
             self.connection.cancel_forward(local_port, host, port)
             raise
@@ -5075,14 +5203,164 @@ class Server:
             "host": host,
             "port": port,
             "local_port": local_port,
-            "url": f"http://127.0.0.1:{local_port}/",
+            "url": url,
+            "tensorboard": None,
+            "started": None,
+            **more,
         }
         update_forward_records(lambda records: records.update({str(local_port): record}))
         return record
 
+    def start_tensorboard(
+        self,
+        logdir: str,
+        job_id: str | int | None = None,
+        *,
+        local_port: int | None = None,
+        timeout: float = 60,
+        on_change: Callable[[JobInfo], None] | None = None,
+        environment: str | None = None,
+        env_manager: str | None = None,
+        setup: Sequence[str] = (),
+        **resources: Any,
+    ) -> dict[str, Any]:
+        """TensorBoard on ``logdir`` (a directory on the server), run in ``environment`` after the ``setup`` lines
+        as a job's script runs them, forwarded here: as a step of the running job ``job_id``, or without one as a
+        job of its own (``resources``: `Job` keywords over TENSORBOARD_DEFAULTS and the profile's partition and
+        account). Returns the forward's record once TensorBoard answers through it (``url``, and in ``started``
+        the step or job that `stop_forward` ends with the forward). Within ``timeout`` seconds, or the step or job
+        is ended and the error raised says why."""
+        quoted_logdir = tensorboard_logdir(logdir)
+        if job_id is not None and resources:
+            raise UsageError(f"{', '.join(resources)}: for a new job; a step in job {job_id} has the job's resources")
+        if self.run(f"test -d {quoted_logdir}", check=False, what="test -d").returncode != 0:
+            raise UsageError(f"LOGDIR {logdir} is no directory on {self.profile.name!r}; give the runs' log directory")
+        deadline = time.monotonic() + timeout
+        prelude = render_setup(setup) + (render_activation(environment, env_manager) if environment else [])
+        leader = None
+        if job_id is not None:
+            job_id = normalize_job_id(job_id)
+            self.job_node(job_id, timeout=timeout, on_change=on_change)
+            directory = self.job_directory("tensorboard")
+            run_directory = f"{directory}/{REMOTE_RECORD_DIR}/tensorboard"
+            node_script = "\n".join([*prelude, *render_tensorboard_commands(run_directory, quoted_logdir)])
+            leader = self.run(tensorboard_step_command(job_id, run_directory, node_script), what="srun").stdout
+            started = None
+        else:
+            job = self._tensorboard_job(quoted_logdir, environment, env_manager, setup, resources)
+            run_directory = f"{job.working_directory}/{REMOTE_RECORD_DIR}/tensorboard"
+            self.submit_job(job)
+            job_id = started = job.job_id
+        assert job_id is not None
+        try:
+            # A step's job runs already, and job_node has shown its states while it was pending.
+            as_step = started is None
+            step, port, path = self._await_tensorboard(
+                job_id, run_directory, deadline, None if as_step else on_change, as_step
+            )
+            started = started or step
+            self.run(f"cd {shlex.quote(run_directory)} && rm -f flags .tensorboard-info/pid-*.info", what="rm")
+
+            def answered(local_port: int) -> str:
+                url = f"http://127.0.0.1:{local_port}{path}/"
+                wait_for_http(url, max(deadline - time.monotonic(), 5.0))
+                return url
+
+            node = self.job_node(job_id)
+            return self._tunnel(job_id, node, port, local_port, answered, tensorboard=logdir, started=started)
+        except BaseException:
+            if started:
+                self._end_started(started)
+            elif leader and leader.strip().isdigit():
+                # The step has no id yet: srun, on the login node this connection reaches, takes it along.
+                self.run(f"kill -TERM -- -{leader.strip()} 2>/dev/null; true", what="kill")
+            raise
+
+    def _tensorboard_job(
+        self,
+        quoted_logdir: str,
+        environment: str | None,
+        env_manager: str | None,
+        setup: Sequence[str],
+        resources: Mapping[str, Any],
+    ) -> Job:
+        values = {key: value for key, value in resources.items() if value is not None}
+        name = values.pop("job_name", None) or "tensorboard"
+        directory = values.pop("working_directory", None) or self.job_directory(name)
+        for field in ("partition", "account"):
+            values[field] = choose(values.get(field), self.profile, field)
+        job = Job(
+            name,
+            f"{directory}/output.log",
+            f"{directory}/error.log",
+            directory,
+            environment,
+            env_manager=env_manager,
+            setup=setup,
+            **{**TENSORBOARD_DEFAULTS, **values},
+        )
+        for line in render_tensorboard_commands(f"{directory}/{REMOTE_RECORD_DIR}/tensorboard", quoted_logdir):
+            job.add_command(line)
+        return job
+
+    def _await_tensorboard(
+        self,
+        job_id: str,
+        run_directory: str,
+        deadline: float,
+        on_change: Callable[[JobInfo], None] | None,
+        as_step: bool,
+    ) -> tuple[str | None, int, str]:
+        """Wait until TensorBoard's info file names its port and path; returns ``(step, port, path)``."""
+        last: JobInfo | None = None
+        next_status = 0.0
+        while True:
+            if time.monotonic() >= next_status:
+                info = self.job_info([job_id])[job_id]
+                if on_change and (last is None or (last.status, last.reason) != (info.status, info.reason)):
+                    on_change(info)
+                last = info
+                next_status = time.monotonic() + (2.0 if info.status is JobStatus.RUNNING else 5.0)
+                if info.status.is_finished:
+                    raise self._tensorboard_failure(f"job {job_id} ended ({info.status})", run_directory)
+            if last is not None and last.status is JobStatus.RUNNING:
+                polled = self.run(tensorboard_poll_command(run_directory), what="reading TensorBoard's info file")
+                ended, step, port, path = parse_tensorboard_poll(polled.stdout)
+                if ended is not None:
+                    raise self._tensorboard_failure(f"its step in job {job_id} ended (exit {ended})", run_directory)
+                if port and path and (step or not as_step):
+                    return step, port, path
+            if time.monotonic() >= deadline:
+                state = f"{last.status}, {last.reason}" if last and last.reason else str(last.status if last else "")
+                raise WaitTimeout(
+                    f"TensorBoard in job {job_id} did not answer in time ({state}); it was ended: allow more with "
+                    "--wait-timeout"
+                )
+            time.sleep(0.5)
+
+    def _tensorboard_failure(self, what: str, run_directory: str) -> TensorBoardError:
+        tail = self.log_tail(f"{run_directory}/tensorboard.log")
+        if not tail.strip():
+            tail = self.log_tail(f"{run_directory.rsplit('/', 2)[0]}/error.log")
+        # srun's own closing words only repeat the exit code; the line before says why.
+        lines = [line for line in tail.strip().splitlines() if not line.startswith("srun: ")]
+        last = lines[-1] if lines else ""
+        return TensorBoardError(f"TensorBoard did not start: {what}{': ' + last if last else ''}", tail)
+
+    def _end_started(self, started: str) -> None:
+        """End the step or the job started for a forward (one that has ended already is no error)."""
+        if "." in started:
+            self.run(f"scancel --quiet -- {shlex.quote(started)}", check=False, what="scancel")
+        else:
+            self.cancel([started])
+
     def forwards(self) -> list[dict[str, Any]]:
         """The forwards made from here to this server's jobs that still run (those of ended jobs are removed)."""
-        records = [record for record in load_forward_records().values() if record["server"] == self.profile.name]
+        records = [
+            {"tensorboard": None, "started": None, **record}  # forwards recorded before TensorBoard came
+            for record in load_forward_records().values()
+            if record["server"] == self.profile.name
+        ]
         if not records:
             return []
         infos = self.job_info(sorted({record["job_id"] for record in records}))
@@ -5095,7 +5373,7 @@ class Server:
         """Remove the forwards made from here to a job (to one of its ports, with ``port``); returns them."""
         job_id = normalize_job_id(job_id)
         records = [
-            record
+            {"tensorboard": None, "started": None, **record}
             for record in load_forward_records().values()
             if record["server"] == self.profile.name
             and record["job_id"] == job_id
@@ -5107,6 +5385,8 @@ class Server:
 
     def _cancel_forward(self, record: Mapping[str, Any]) -> None:
         self.connection.cancel_forward(record["local_port"], record["host"], record["port"])
+        if record.get("started"):
+            self._end_started(record["started"])
         update_forward_records(lambda records: records.pop(str(record["local_port"]), None))
 
     # -- files around a job ---------------------------------------------------------------------------------------
@@ -5355,7 +5635,10 @@ JSON_SCHEMAS = {
                 "host": _TEXT,
                 "port": {"type": "integer"},
                 "local_port": {"type": "integer"},
-                "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/$"},
+                # TensorBoard's own secret path follows the port.
+                "url": {"type": "string", "pattern": "^http://127\\.0\\.0\\.1:[0-9]+/([0-9a-f]{32}/)?$"},
+                "tensorboard": {"type": ["string", "null"]},  # its log directory, for a TensorBoard
+                "started": {"type": ["string", "null"]},  # the step or job started for it, which --stop ends
             }
         ),
     ),
@@ -5747,14 +6030,14 @@ def _holding_job(server: Server, args: Any, name: str) -> Job:
     return job
 
 
-def _refuse_resources_with_job_id(args: Any) -> None:
+def _refuse_resources_with_job_id(args: Any, reason: str = "with a JOBID the job's own resources hold") -> None:
     given = [
         f"--{flag}"
         for flag in ("cpus", "mem", "time", "partition", "account", "qos", "gpus", "name", "workdir")
         if getattr(args, flag) is not None
     ]
     if given:
-        raise UsageError(f"{given[0]} is for a new job; with a JOBID the job's own resources hold")
+        raise UsageError(f"{given[0]} is for a new job; {reason}")
 
 
 def cmd_shell(args: Any) -> int:
@@ -5789,32 +6072,89 @@ def cmd_shell(args: Any) -> int:
     return code
 
 
+def _forward_usage(args: Any) -> None:
+    """Refuse a combination of forward's flags that does not make sense, before anything is sent."""
+    if args.tensorboard is None:
+        for flag, given in (("--new", args.new), ("--env", args.env), ("--env-manager", args.env_manager)):
+            if given:
+                raise UsageError(f"{flag} is for TensorBoard: add --tensorboard LOGDIR")
+        if args.setup:
+            raise UsageError("--setup is for TensorBoard: add --tensorboard LOGDIR")
+    if args.new and args.job_id:
+        raise UsageError("--new starts a job of its own: leave out the JOBID, or leave out --new")
+    if args.tensorboard is not None and args.port is not None:
+        raise UsageError("TensorBoard takes a free port on its node: leave out PORT")
+    if not args.new:
+        _refuse_resources_with_job_id(args, "add --new (with --tensorboard), or leave it out")
+
+
 def cmd_forward(args: Any) -> int:
+    _flag_values(args)  # a bad flag is refused before anything is sent
+    if not args.list:
+        _forward_usage(args)
     server = _open_server(args)
     if args.list:
         records = server.forwards()
         if args.json:
             _print_json({"forwards": records})
         else:
-            rows = [[r["job_id"], JobStatus.parse(r["state"]), r["node"], r["port"], r["url"]] for r in records]
-            _print_table(["JOBID", "STATE", "NODE", "PORT", "URL"], rows)
+            rows = [
+                [r["job_id"], JobStatus.parse(r["state"]), r["node"], r["port"], r["tensorboard"] or "", r["url"]]
+                for r in records
+            ]
+            _print_table(["JOBID", "STATE", "NODE", "PORT", "TENSORBOARD", "URL"], rows)
         return EXIT_OK
-    if not args.job_id:
-        raise UsageError("forward needs a JOBID and a PORT on its node, e.g. 'sl-forgery forward 1234 6006'")
     if args.stop:
+        if not args.job_id:
+            raise UsageError("forward --stop needs the JOBID, e.g. 'sl-forgery forward --stop 1234'")
         stopped = server.stop_forward(args.job_id, args.port)
         if not stopped:
             raise UsageError(f"no forward from here to job {args.job_id} (see 'sl-forgery forward --list')")
-        return _say(args, "removed " + ", ".join(f"{r['url']} -> {r['node']}:{r['port']}" for r in stopped))
-    if args.port is None:
+        ended = [f"ended {'step' if '.' in r['started'] else 'job'} {r['started']}" for r in stopped if r["started"]]
+        removed = ", ".join(f"{r['url']} -> {r['node']}:{r['port']}" for r in stopped)
+        return _say(args, f"removed {removed}{'; ' + ', '.join(ended) if ended else ''}")
+    if not args.job_id and not args.new:
+        raise UsageError(
+            "forward needs a JOBID and a PORT on its node, e.g. 'sl-forgery forward 1234 6006' (or --tensorboard "
+            "LOGDIR with a JOBID or --new)"
+        )
+    if args.tensorboard is None and args.port is None:
         raise UsageError("forward needs the PORT on the job's node, e.g. 'sl-forgery forward 1234 6006'")
-    record = server.forward(args.job_id, args.port, args.local, timeout=args.wait_timeout, on_change=_state_line(args))
+    _interrupt_on_hangup()
+    if args.tensorboard is not None:
+        environment = _environment_arguments(args, server.profile)
+        try:
+            record = server.start_tensorboard(
+                args.tensorboard,
+                None if args.new else args.job_id,
+                local_port=args.local,
+                timeout=args.wait_timeout,
+                on_change=_state_line(args),
+                environment=environment["conda_environment"],
+                env_manager=environment["env_manager"],
+                setup=environment["setup"],
+                **(_flag_values(args) if args.new else {}),
+            )
+        except TensorBoardError as error:
+            if error.log_tail.strip():
+                print(f"--- last lines of TensorBoard's log ---\n{error.log_tail.rstrip()}", file=sys.stderr)
+            raise
+    else:
+        record = server.forward(
+            args.job_id, args.port, args.local, timeout=args.wait_timeout, on_change=_state_line(args)
+        )
     if args.json:
         _print_json(record)
     else:
         print(record["url"], flush=True)
     job_id = record["job_id"]
     if args.detach:
+        if record["started"]:
+            return _say(
+                args,
+                f"TensorBoard keeps running in job {job_id}, the forward while the shared connection is open; "
+                f"'sl-forgery forward --stop {job_id}' ends both",
+            )
         return _say(
             args,
             f"the forward lasts while the shared connection is open; 'sl-forgery forward --stop {job_id}' removes it",
@@ -6610,14 +6950,22 @@ def get_parser() -> Any:
     sub.add_argument("port", nargs="?", type=int, metavar="PORT", help="the port on the job's node")
     sub.add_argument("--local", type=int, metavar="PORT", help="this local port (default: a free one)")
     sub.add_argument("--list", action="store_true", help="the forwards made from here to running jobs")
-    sub.add_argument("--stop", action="store_true", help="remove the forwards to JOBID (to PORT, if given)")
+    sub.add_argument(
+        "--stop", action="store_true", help="remove the forwards to JOBID (to PORT, if given) and what they started"
+    )
+    sub.add_argument(
+        "--tensorboard", metavar="LOGDIR", help="start TensorBoard on LOGDIR (on the server) as a step of JOBID"
+    )
+    sub.add_argument("--new", action="store_true", help="with --tensorboard: in a job of its own instead")
+    _add_environment_options(sub, "environment with tensorboard (default: the profile's)")
+    _add_resource_options(sub)
     sub.add_argument("--detach", action="store_true", help="return at once; the forward stays in the connection")
     sub.add_argument(
         "--wait-timeout",
         type=float,
         default=60,
         metavar="SECONDS",
-        help="how long the job may take to start and its port to listen (default 60)",
+        help="how long the job may take to start and its port (or TensorBoard) to answer (default 60)",
     )
 
     sub = command("sync", cmd_sync, "copy a directory up to the server or down from it (rsync over the connection)")

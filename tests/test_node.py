@@ -187,6 +187,198 @@ def test_a_command_that_needs_a_node_refuses_an_ended_job(profile_name):
         assert result.stderr == f"sl-forgery: error: job {job_id} has ended (COMPLETED): it holds no node any more\n"
 
 
+# Real event files, written on the server by TensorBoard's own writer, in a job running the test bed's environment.
+WRITE_EVENTS = (
+    "import os, sys, time; from tensorboard.compat.proto import event_pb2, summary_pb2; "
+    "from tensorboard.summary.writer.event_file_writer import EventFileWriter; "
+    "os.makedirs(sys.argv[1], exist_ok=True); writer = EventFileWriter(sys.argv[1]); "
+    "[writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=["
+    "summary_pb2.Summary.Value(tag=sys.argv[2], simple_value=1.0 / (step + 1))]))) for step in range(3)]; "
+    "writer.close()"
+)
+
+
+@pytest.fixture
+def event_logs(profile_name, remote_dir, unique_name):
+    """A log directory on the server holding one run of three steps of one scalar: (logdir, run, tag)."""
+    logdir, run, tag = f"{remote_dir}/logs", unique_name, f"loss_{unique_name[-8:]}"
+    written = cli(
+        "run",
+        "--env",
+        "tensorboard",
+        "--mem",
+        "0.5",
+        "--wait",
+        "--",
+        "python",
+        "-c",
+        WRITE_EVENTS,
+        f"{logdir}/{run}",
+        tag,
+    )
+    assert written.returncode == 0, written.stderr
+    return logdir, run, tag
+
+
+def assert_serves(url: str, run: str, tag: str) -> None:
+    """TensorBoard at ``url`` shows the run, its scalar and the three values written."""
+    assert json.loads(page(url + "data/runs")) == [run]
+    assert tag in json.loads(page(url + "data/plugin/scalars/tags"))[run]
+    scalars = json.loads(page(url + f"data/plugin/scalars/scalars?run={run}&tag={tag}"))
+    assert [(step, value) for _, step, value in scalars] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+
+
+def listening(cluster, port: int) -> list[str]:
+    """The local addresses a TCP port is listened on, on the test bed's node (which is its login host)."""
+    return cluster.ssh(f"ss -Hltn 'sport = :{port}' | awk '{{print $4}}'").stdout.split()
+
+
+def wait_until(condition, what: str, deadline: float = 60) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.2)
+
+
+def steps(cluster, job_id: str) -> list[str]:
+    return cluster.ssh(f"squeue -h -s -j {job_id} -o %i", check=False).stdout.split()
+
+
+def test_tensorboard_as_a_step_of_a_running_job_serves_the_runs_to_the_tunnel_only_until_stopped(
+    sleeping_job, event_logs, cluster
+):
+    logdir, run, tag = event_logs
+    started = cli("forward", sleeping_job, "--tensorboard", logdir, "--env", "tensorboard", "--detach", "--json")
+    assert started.returncode == 0, started.stderr
+    record = json.loads(started.stdout)
+    url, step, port = record["url"], record["started"], record["port"]
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{record['local_port']}/[0-9a-f]{{32}}/", url)
+    assert re.fullmatch(rf"{sleeping_job}\.\d+", step) and step in steps(cluster, sleeping_job)
+    assert_serves(url, run, tag)
+
+    # What someone else on the node sees: TensorBoard on the node's address (the test bed's NodeAddr is the
+    # loopback), answering nothing but its secret path, which no command line shows.
+    assert listening(cluster, port) == [f"127.0.0.1:{port}"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        page(f"http://127.0.0.1:{record['local_port']}/data/runs")
+    assert refused.value.code == 404
+    secret = url.rsplit("/", 2)[1]
+    assert secret not in cluster.ssh("ps -eo args").stdout
+
+    document = json.loads(cli("forward", "--list", "--json").stdout)
+    jsonschema.validate(document, sl_forgery.JSON_SCHEMAS["forwards"])
+    assert [
+        (entry["job_id"], entry["tensorboard"], entry["started"], entry["url"]) for entry in document["forwards"]
+    ] == [(sleeping_job, logdir, step, url)]
+    stopped = cli("forward", "--stop", sleeping_job)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"ended step {step}" in stopped.stderr
+    with pytest.raises(urllib.error.URLError):
+        page(url)
+    wait_until(lambda: step not in steps(cluster, sleeping_job), f"step {step} still runs")
+    wait_until(lambda: not listening(cluster, port), f"TensorBoard still listens on port {port}")
+    assert cluster.job_state(sleeping_job) == "RUNNING"  # the user's own job is left alone
+    assert json.loads(cli("forward", "--list", "--json").stdout)["forwards"] == []
+
+
+def test_tensorboard_in_a_job_of_its_own_is_cancelled_by_stop(event_logs, cluster, unique_name):
+    logdir, run, tag = event_logs
+    started = cli(
+        "forward",
+        "--new",
+        "--tensorboard",
+        logdir,
+        "--env",
+        "tensorboard",
+        "--mem",
+        "0.5",
+        "--time",
+        "10",
+        "--name",
+        unique_name,
+        "--detach",
+        "--json",
+    )
+    assert started.returncode == 0, started.stderr
+    record = json.loads(started.stdout)
+    job_id = record["job_id"]
+    assert record["started"] == job_id
+    assert cluster.ssh(f"squeue -h -j {job_id} -o %j").stdout.strip() == unique_name
+    assert_serves(record["url"], run, tag)
+    stopped = cli("forward", "--stop", job_id)
+    assert stopped.returncode == 0, stopped.stderr
+    with pytest.raises(urllib.error.URLError):
+        page(record["url"])
+    assert cluster.wait_for_state(job_id, {"CANCELLED"}) == "CANCELLED"
+    wait_until(lambda: not listening(cluster, record["port"]), "TensorBoard still listens")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_tensorboard_in_the_foreground_ends_its_step_and_tunnel_on_ctrl_c_sigterm_and_sighup(
+    sleeping_job, event_logs, cluster, signal_number
+):
+    logdir, run, tag = event_logs
+    process = subprocess.Popen(
+        [console_script("sl-forgery"), "forward", sleeping_job, "--tensorboard", logdir, "--env", "tensorboard"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = process.stdout.readline().strip()
+    assert url, process.communicate(timeout=60)[1]
+    assert_serves(url, run, tag)
+    (step,) = [step for step in steps(cluster, sleeping_job) if not step.endswith(".batch")]
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    with pytest.raises(urllib.error.URLError):
+        page(url)
+    wait_until(lambda: step not in steps(cluster, sleeping_job), f"step {step} still runs")
+    assert cluster.job_state(sleeping_job) == "RUNNING"
+
+
+def test_tensorboard_in_an_environment_without_it_says_so_and_leaves_nothing(sleeping_job, event_logs, cluster):
+    result = cli("forward", sleeping_job, "--tensorboard", event_logs[0], "--env", "analysis")
+    assert result.returncode == 1
+    assert re.search(
+        rf"sl-forgery: error: TensorBoard did not start: its step in job {sleeping_job} ended \(exit 127\): "
+        r".*tensorboard: command not found\n$",
+        result.stderr,
+    ), result.stderr
+    assert [step for step in steps(cluster, sleeping_job) if not step.endswith(".batch")] == []
+    assert json.loads(cli("forward", "--list", "--json").stdout)["forwards"] == []
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["12", "6006", "--tensorboard", "runs"], "TensorBoard takes a free port on its node: leave out PORT"),
+        (
+            ["12", "--new", "--tensorboard", "runs"],
+            "--new starts a job of its own: leave out the JOBID, or leave out --new",
+        ),
+        (
+            ["12", "--tensorboard", "runs", "--mem", "2"],
+            "--mem is for a new job; add --new (with --tensorboard), or leave it out",
+        ),
+        (["12", "6006", "--env", "analysis"], "--env is for TensorBoard: add --tensorboard LOGDIR"),
+        (["--new"], "--new is for TensorBoard: add --tensorboard LOGDIR"),
+    ],
+)
+def test_forward_refuses_flags_that_do_not_fit_together(profile_name, arguments, message):
+    result = cli("forward", *arguments)
+    assert (result.returncode, result.stderr) == (2, f"sl-forgery: error: {message}\n")
+
+
+def test_tensorboard_on_a_directory_that_is_not_there_is_refused_before_anything_starts(sleeping_job, cluster):
+    result = cli("forward", sleeping_job, "--tensorboard", "no/such/logs", "--env", "tensorboard")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "sl-forgery: error: LOGDIR no/such/logs is no directory on 'test'; give the runs' log directory\n",
+    )
+    assert [step for step in steps(cluster, sleeping_job) if not step.endswith(".batch")] == []
+
+
 def make_tree(root: Path) -> dict[str, tuple[bytes, int, int]]:
     """Files of several kinds, modes and ages; returns what must arrive: bytes, mode and mtime by path."""
     files = {
