@@ -3392,6 +3392,7 @@ ASKPASS_ACCOUNT_VARIABLE = "SL_FORGERY_ASKPASS_ACCOUNT"
 ASKPASS_FILE_VARIABLE = "SL_FORGERY_ASKPASS_CREDENTIALS"
 ASKPASS_PROMPT_VARIABLE = "SL_FORGERY_ASKPASS_PROMPT"  # the one prompt the stored password answers
 ASKPASS_TTY_VARIABLE = "SL_FORGERY_ASKPASS_TTY"  # the user's terminal, for every other prompt
+ASKPASS_PROFILE_VARIABLE = "SL_FORGERY_ASKPASS_PROFILE"  # named in the advice when no one can answer
 # The master's log, where a refusal is noted too: a ProxyJump gateway's ssh (and the helper it runs) writes its
 # stderr to /dev/null when ControlPersist is on.
 ASKPASS_LOG_VARIABLE = "SL_FORGERY_ASKPASS_LOG"
@@ -3435,12 +3436,22 @@ def askpass_main(argv: Sequence[str] | None = None) -> int:
         return 1
     answer = _ask_on_terminal(prompt, os.environ.get(ASKPASS_TTY_VARIABLE))
     if answer is None:
-        _askpass_say(
-            f"cannot answer {prompt.strip()!r}: it is not {expected.strip()!r} (the prompt the stored password is "
-            "for) and there is no terminal to ask you on; run the command from a terminal, or use a key"
-            if expected
-            else f"cannot answer {prompt.strip()!r}: there is no terminal to ask you on"
-        )
+        if not re.fullmatch(r"\S+@\S+'s password: |Enter passphrase for .*", prompt, flags=re.DOTALL):
+            # Neither ssh's password prompt nor a key's passphrase: the server's keyboard-interactive login asks.
+            profile = os.environ.get(ASKPASS_PROFILE_VARIABLE)
+            connect = f"sl-forgery connect -s {profile}" if profile else "sl-forgery connect"
+            _askpass_say(
+                f"cannot answer {prompt.strip()!r}: the server asks for a second factor, and there is no terminal "
+                f"to ask you on; run '{connect}' in a terminal to open the connection first (later commands reuse "
+                "it)"
+            )
+        elif expected:
+            _askpass_say(
+                f"cannot answer {prompt.strip()!r}: it is not {expected.strip()!r} (the prompt the stored password "
+                "is for) and there is no terminal to ask you on; run the command from a terminal, or use a key"
+            )
+        else:
+            _askpass_say(f"cannot answer {prompt.strip()!r}: there is no terminal to ask you on")
         return 1
     sys.stdout.write(answer + "\n")
     return 0
@@ -3685,6 +3696,7 @@ class SSHConnection:
             ASKPASS_FILE_VARIABLE,
             ASKPASS_PROMPT_VARIABLE,
             ASKPASS_TTY_VARIABLE,
+            ASKPASS_PROFILE_VARIABLE,
             ASKPASS_LOG_VARIABLE,
         ):
             env.pop(name, None)
@@ -3692,14 +3704,16 @@ class SSHConnection:
             env[ASKPASS_FILE_VARIABLE] = self.profile.legacy_credentials
         elif self.profile.password_in_keyring:
             env[ASKPASS_ACCOUNT_VARIABLE] = self.profile.keyring_account
-        else:
-            return env
-        # ssh's own password prompt names the user and the host (or HostKeyAlias) as it resolved them; a ProxyJump
-        # gateway's ssh inherits this environment and prompts for its own user and host.
-        settings = self.ssh_settings()
-        env[ASKPASS_PROMPT_VARIABLE] = (
-            f"{settings['user']}@{settings.get('hostkeyalias') or settings['hostname']}'s password: "
-        )
+        if self.profile.legacy_credentials or self.profile.password_in_keyring:
+            # ssh's own password prompt names the user and the host (or HostKeyAlias) as it resolved them; a
+            # ProxyJump gateway's ssh inherits this environment and prompts for its own user and host.
+            settings = self.ssh_settings()
+            env[ASKPASS_PROMPT_VARIABLE] = (
+                f"{settings['user']}@{settings.get('hostkeyalias') or settings['hostname']}'s password: "
+            )
+        # Even with a key alone the helper is needed: the master starts in a session of its own, without the
+        # terminal, and a one-time code the server asks after the key reaches the user only through the helper.
+        env[ASKPASS_PROFILE_VARIABLE] = self.profile.name
         terminal = _terminal_name()
         if terminal:
             env[ASKPASS_TTY_VARIABLE] = terminal

@@ -1,18 +1,23 @@
-"""What real sites impose, on the test cluster's variants: other login shells, MaxSessions 1,
+"""What real sites impose, on the test cluster's variants: other login shells, MaxSessions 1, a second factor,
 no accounting (or one that never answers)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 import sl_forgery
-from conftest import bed, cli, console_script, variant
+from conftest import bed, cli, console_script, own_masters, process_state, variant
+from test_cluster import unused_code_time
+from test_first_contact import Terminal
 
 SERVER_PYTHON = subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip()
 
@@ -168,3 +173,69 @@ def test_a_sacct_that_never_answers_does_not_hold_up_wait_or_status(server, remo
         status = cli("status", "--json", job_id, timeout=120)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["jobs"][0]["state"] == "FAILED"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A second factor after the key, asked once
+
+
+def _code(cluster, secret: str) -> str:
+    """A one-time code pam_oath has not taken yet."""
+    moment = unused_code_time(cluster, secret)
+    return subprocess.run(
+        ["oathtool", "--totp", "-N", f"@{moment}", secret], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.mark.exclusive
+def test_a_key_logins_one_time_code_is_asked_once_on_its_terminal_then_one_connection_serves_all(cluster, home):
+    facts = bed()
+    secret = Path(facts["SLF_CLUSTER_OTP_SECRET_FILE"]).read_text().strip()
+    with variant("otp"):
+        add_profile(cluster, "otp", port=int(facts["SLF_CLUSTER_OTP_PORT"]))
+        log = LogWatch(Path(facts["SLF_CLUSTER_OTP_LOG"]))
+        # Without a terminal there is no one to ask: one clear line, and how to open the connection first.
+        headless = subprocess.run(
+            ["setsid", console_script("sl-forgery"), "queue"], capture_output=True, text=True, timeout=120,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert headless.returncode == 255 and headless.stderr.count("\n") == 1, headless.stderr
+        assert "second factor" in headless.stderr and "no terminal" in headless.stderr
+        assert "'sl-forgery connect -s otp' in a terminal" in headless.stderr
+        assert own_masters() == {}
+
+        code = _code(cluster, secret)
+        terminal = Terminal([console_script("sl-forgery"), "connect"])
+        terminal.expect(r"One-time password \(OATH\) for `slftest': ")
+        terminal.type(code + "\n")
+        assert terminal.finish() == 0, terminal.screen
+        assert terminal.screen.count("One-time password") == 1 and code not in terminal.screen
+        assert "connected to" in terminal.screen
+
+        # Everything after rides that one connection, with no terminal and no prompt.
+        for _ in range(20):
+            assert cli("queue").returncode == 0
+        submitted = cli("run", "--", "sh", "-c", "exit 3")
+        assert submitted.returncode == 0, submitted.stderr
+        assert cli("wait", submitted.stdout.strip()).returncode == 3
+        jupyter = cli("jupyter", "--env", "jupyter", "--mem", "1", "--time", "10", "--detach", timeout=300)
+        assert jupyter.returncode == 0, jupyter.stderr
+        job_id = json.loads(cli("jupyter", "list", "--json").stdout)["servers"][0]["job_id"]
+        assert cli("jupyter", "stop", job_id).returncode == 0
+        assert log.logins(cluster.user) == 1, log.new_lines()
+
+        # The master dies: the next command asks once more, on its terminal.
+        (pid,) = own_masters().values()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while process_state(pid) not in ("", "Z"):
+            assert time.monotonic() < deadline, "the master did not end"
+            time.sleep(0.1)
+        code = _code(cluster, secret)
+        terminal = Terminal([console_script("sl-forgery"), "queue"])
+        terminal.expect("One-time password")
+        terminal.type(code + "\n")
+        assert terminal.finish() == 0, terminal.screen
+        assert terminal.screen.count("One-time password") == 1, terminal.screen
+        assert log.logins(cluster.user) == 2, log.new_lines()
+        assert cli("disconnect").returncode == 0
