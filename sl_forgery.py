@@ -91,6 +91,7 @@ SCHEDULER_BUSY_MARKERS = (
     "Connection refused",
     "Zero Bytes were transmitted or received",
     "Transport endpoint is not connected",
+    "Unexpected missing socket error",  # the controller dropped the connection (stopped, restarting)
 )
 WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its next heartbeat
 WATCHER_RESTART_PAUSE = 1.0  # seconds between starts of a wait's watcher when its connection keeps failing

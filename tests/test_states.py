@@ -235,6 +235,41 @@ def test_cancel_from_this_machine_ends_a_wait_on_a_pending_job_at_once(server, c
     assert outcome[job.job_id].status is JobStatus.CANCELLED
 
 
+def test_waits_of_one_server_share_the_scheduler_answers_and_see_a_cancel_from_elsewhere(
+    profile_name, cluster, remote_dir
+):
+    import sl_forgery
+
+    jobs = held_jobs(cluster, remote_dir, "-o /dev/null --mem=64M --wrap true", count=5)
+    servers = [sl_forgery.Server.from_profile(profile_name) for _ in jobs]
+    outcomes: dict[str, object] = {}
+
+    def wait(server, job_id: str) -> None:
+        try:
+            outcomes[job_id] = server.wait(job_id, timeout=300)[job_id]
+        except Exception as problem:  # the test reports it below
+            outcomes[job_id] = problem
+
+    waits = [threading.Thread(target=wait, args=pair, daemon=True) for pair in zip(servers, jobs, strict=True)]
+    started = time.monotonic()
+    for waiting in waits:
+        waiting.start()
+    try:
+        time.sleep(25)  # the span over which the waits' scheduler queries are counted
+        cluster.ssh(f"scancel {' '.join(jobs)}")  # behind the waits' backs: no record, no notice tells them
+        for waiting in waits:
+            waiting.join(timeout=60)
+    finally:
+        cluster.ssh(f"scancel {' '.join(jobs)}", check=False)
+    elapsed = time.monotonic() - started
+    assert {job_id: getattr(outcomes.get(job_id), "status", outcomes.get(job_id)) for job_id in jobs} == dict.fromkeys(
+        jobs, JobStatus.CANCELLED
+    )
+    # Each wait asks once when it starts; after that the five together ask once per 10 s, not five times.
+    queries = sum(server.scheduler_queries for server in servers)
+    assert queries <= len(jobs) + elapsed / 10 + 2, (queries, elapsed)
+
+
 def test_status_of_an_ended_job_makes_no_round_trip_and_logs_n_0_prints_nothing(profile_name, cluster):
     job_id = cli("run", "--mem", "0.25", "--wait", "--", "printf", "one\\ntwo\\n").stdout.split()[0]
     first = cli("-v", "status", "--json", job_id)
