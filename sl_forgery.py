@@ -80,6 +80,7 @@ REMOTE_RECORD_DIR = ".sl-forgery"  # inside a job's working directory: uploaded 
 JOBS_ROOT_NAME = "sl-forgery-jobs"  # default parent of job working directories on the server
 SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, at first...
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
+WANTED_SECONDS = 2 * SCHEDULER_POLL_MAX  # a job another wait asked about this lately is asked about with the others
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
 SCHEDULER_CALL_TIMEOUT = 30  # seconds one squeue or sacct may take before it counts as no answer
 SUBMISSION_LOOKUP_PATIENCE = 60.0  # seconds a lost submission's sbatch is given to end before squeue is searched
@@ -1547,54 +1548,79 @@ def watcher_command(record_paths: Mapping[str, str], nonces: Mapping[str, str] |
 
 
 class WaitSchedule:
-    """When `Server.wait` asks the scheduler, as a pure function of time and events: at once, then every ``first``
-    seconds backing off (x1.5) to ``most``; and right after an exit record says a job ended, then 0.5, 1, 2 and 4 s
-    later while the scheduler catches up (it lags the record by seconds).
+    """When `Server.wait` asks the scheduler, as a pure function of time and events: at once; then every ``first``
+    seconds, counted from when the answer was had (by this wait, or by another wait of the same server whose answer
+    it shares), while a job may end with no exit record to tell (``unwatched``: pending, or submitted elsewhere);
+    otherwise backing off (x1.5) from ``first`` to ``most``; and right after an exit record says a job ended, then
+    0.5, 1, 2 and 4 s later while the scheduler catches up (it lags the record by seconds). ``fresh_after`` is the
+    moment an answer must be newer than, after an event an older answer cannot reflect (a record, a cancel).
 
     >>> schedule = WaitSchedule(now=0, first=10, most=60)
     >>> schedule.due(0), [schedule.asked(t) for t in (0, 10, 25)]
     (True, [10, 25.0, 47.5])
-    >>> schedule.record_arrived(30); schedule.due(30), [schedule.asked(t) for t in (30, 30.5, 31.5)]
-    (True, [30.5, 31.5, 33.5])
+    >>> schedule.asked(50, unwatched=True, answered_at=47)
+    57
+    >>> schedule.record_arrived(60); schedule.due(60), [schedule.asked(t) for t in (60, 60.5, 61.5)]
+    (True, [60.5, 61.5, 63.5])
     """
 
     def __init__(self, now: float, first: float = SCHEDULER_POLL_FIRST, most: float = SCHEDULER_POLL_MAX) -> None:
         self.next_query = now
+        self.first = first
         self.interval = first
         self.most = most
         self.confirm_delay = 0.0
+        self.fresh_after: float | None = None
 
     def due(self, now: float) -> bool:
         return now >= self.next_query
 
-    def asked(self, now: float, confirming: bool = False) -> float:
-        """The scheduler was just asked: returns (and keeps) when to ask next; while ``confirming`` (a record says
-        a job ended and the scheduler does not say so yet), every 4 s at most."""
+    def asked(
+        self, now: float, confirming: bool = False, unwatched: bool = False, answered_at: float | None = None
+    ) -> float:
+        """An answer came (had at ``answered_at``, default ``now``): returns (and keeps) when to ask next; while
+        ``confirming`` (a record says a job ended and the scheduler does not say so yet), every 4 s at most."""
         if confirming and not self.confirm_delay:
             self.confirm_delay = 4.0
         if self.confirm_delay:
             self.next_query = now + self.confirm_delay
+            self.fresh_after = self.next_query
             self.confirm_delay = self.confirm_delay * 2 if self.confirm_delay < 4 else 0.0
+            return self.next_query
+        self.fresh_after = None
+        if unwatched:
+            self.next_query = (now if answered_at is None else answered_at) + self.first
         else:
             self.next_query = now + self.interval
             self.interval = min(self.interval * 1.5, self.most)
         return self.next_query
 
+    def ask_now(self, now: float) -> None:
+        """Something happened that the last answer cannot show (a cancel from here, a reconnect): ask for a new one."""
+        self.next_query = self.fresh_after = now
+
     def record_arrived(self, now: float) -> None:
         """An exit record shows that a job ended: ask now, then confirm soon."""
-        self.next_query = now
+        self.ask_now(now)
         self.confirm_delay = 0.5
 
 
 class WaitProgress:
     """What `Server.wait` knows of its jobs, with no I/O: the last state of each, the exit records seen (an array
-    has ended, as far as records tell, once each of its ``tasks`` wrote one), the schedule, and the deadline."""
+    has ended, as far as records tell, once each of its ``tasks`` wrote one), the schedule, and the deadline.
+    ``watched`` are the jobs whose exit records a watcher looks for."""
 
     def __init__(
-        self, job_ids: Sequence[str], tasks: Mapping[str, frozenset[str]], schedule: WaitSchedule, timeout: float | None
+        self,
+        job_ids: Sequence[str],
+        tasks: Mapping[str, frozenset[str]],
+        schedule: WaitSchedule,
+        timeout: float | None,
+        watched: frozenset[str] = frozenset(),
     ) -> None:
         self.job_ids = list(job_ids)
         self.tasks = tasks
+        self.watched = watched
         self.schedule = schedule
         self.timeout = timeout
         self.deadline = None if timeout is None else schedule.next_query + timeout
@@ -1612,8 +1638,8 @@ class WaitProgress:
     def result(self) -> dict[str, JobInfo]:
         return {job_id: self.last[job_id] for job_id in self.job_ids}
 
-    def update(self, infos: Mapping[str, JobInfo], now: float) -> list[JobInfo]:
-        """Take a scheduler answer; returns the jobs whose state changed."""
+    def update(self, infos: Mapping[str, JobInfo], now: float, answered_at: float | None = None) -> list[JobInfo]:
+        """Take a scheduler answer (had at ``answered_at``, default ``now``); returns the jobs whose state changed."""
         changed = [
             info
             for info in infos.values()
@@ -1625,7 +1651,12 @@ class WaitProgress:
             job_id in self.tasks and self.tasks[job_id] <= self.recorded and self.last[job_id].status in _ENDING_STATES
             for job_id in self.unfinished()
         )
-        self.schedule.asked(now, confirming)
+        # Only the scheduler can tell of the end of a job that is not running or whose record nobody watches.
+        unwatched = any(
+            job_id not in self.watched or self.last[job_id].status is not JobStatus.RUNNING
+            for job_id in self.unfinished()
+        )
+        self.schedule.asked(now, confirming, unwatched, answered_at)
         self.silent_since = None
         return changed
 
@@ -2965,13 +2996,26 @@ def ended_jobs_path() -> Path:
     return state_dir() / "ended.jsonl"
 
 
+def _job_info_document(info: JobInfo) -> dict[str, Any]:
+    return info._replace(status=info.status.value)._asdict()
+
+
+def _job_info_from_document(data: Mapping[str, Any]) -> JobInfo:
+    """A `JobInfo` from `_job_info_document`; ValueError, KeyError or TypeError for one that is not."""
+    info = JobInfo(**{field: data[field] for field in JobInfo._fields})
+    return info._replace(status=JobStatus(info.status))
+
+
+def _known_ended(info: JobInfo | None) -> bool:
+    return info is not None and info.ended
+
+
 def remember_ended(server: str, ended: Iterable[tuple[JobRecord, JobInfo]]) -> None:
     """Keep the final states of jobs submitted from here, so that asking again costs no round trip. Each is tied
     to its submission (its time), so that a job id the controller hands out again is asked about anew. Best effort:
     a state that cannot be kept is asked for again next time."""
     documents = [
-        {"server": server, "submitted": record.submitted, **info._replace(status=info.status.value)._asdict()}
-        for record, info in ended
+        {"server": server, "submitted": record.submitted, **_job_info_document(info)} for record, info in ended
     ]
     if documents:
         with contextlib.suppress(OSError, SlForgeryError):
@@ -2986,13 +3030,75 @@ def load_ended(server: str, records: Mapping[str, JobRecord]) -> dict[str, JobIn
     for line in (_read_state_file(ended_jobs_path(), "the ended jobs") or "").splitlines():
         try:
             data = json.loads(line)
-            info = JobInfo(**{field: data[field] for field in JobInfo._fields})
+            info = _job_info_from_document(data)
             record = records.get(info.job_id)
             if data["server"] == server and record is not None and record.submitted == data["submitted"]:
-                ended[info.job_id] = info._replace(status=JobStatus(info.status))
+                ended[info.job_id] = info
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short or edited: the job is asked about again
     return ended
+
+
+def shared_answer(
+    server: str,
+    job_ids: Sequence[str],
+    ask: Callable[[list[str]], dict[str, JobInfo]],
+    max_age: float = SCHEDULER_POLL_FIRST,
+    newer_than: float = 0.0,
+) -> tuple[dict[str, JobInfo], float]:
+    """The scheduler's answer for ``job_ids`` and its time (`time.time()`), shared by every wait of ``server`` on
+    this machine through a board file, so that however many there are, they ask about once per ``max_age``: an
+    answer on the board younger than that (and, after an event, newer than ``newer_than``) that covers these jobs is
+    taken from it; otherwise one query (``ask``) covers these jobs and those other waits asked for lately. A
+    scheduler that did not answer is put on the board too (`SchedulerBusy` is raised from it), so that the other
+    waits hold off instead of asking it again."""
+    import json
+
+    def read_board() -> tuple[float, dict[str, Any] | None, dict[str, JobInfo], dict[str, float]]:
+        """When the board's answer was had, the scheduler's silence then (or None), the answer, and when each job
+        was last asked about; an empty board when there is none or it was cut short by a crash."""
+        try:
+            descriptor = _open_own_file(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0.0, None, {}, {}
+        with os.fdopen(descriptor, "rb") as board_file:
+            try:
+                board = json.loads(board_file.read())
+                infos = {job_id: _job_info_from_document(data) for job_id, data in board.get("infos", {}).items()}
+                wanted = {job_id: float(when) for job_id, when in board.get("wanted", {}).items()}
+                return float(board["asked"]), board.get("busy"), infos, wanted
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return 0.0, None, {}, {}
+
+    def exchange() -> tuple[dict[str, JobInfo], float]:
+        asked, busy, infos, wanted = read_board()
+        now = time.time()
+        wanted = {job_id: when for job_id, when in wanted.items() if 0 <= now - when < WANTED_SECONDS}
+        wanted.update(dict.fromkeys(job_ids, now))
+        fresh = newer_than <= asked and 0 <= now - asked < max_age
+        if fresh and busy:
+            raise SchedulerBusy(["squeue"], busy["returncode"], "", busy["stderr"], what="squeue")
+        if not (fresh and all(job_id in infos for job_id in job_ids)):
+            others = [job_id for job_id in wanted if job_id not in job_ids and not _known_ended(infos.get(job_id))]
+            try:
+                answer = ask([*job_ids, *others])
+            except SchedulerBusy as silent:
+                busy = {"returncode": silent.returncode, "stderr": silent.stderr}
+                note({"asked": time.time(), "busy": busy, "infos": {}, "wanted": wanted})
+                raise
+            asked = time.time()
+            infos.update(answer)
+        kept = {job_id: _job_info_document(infos[job_id]) for job_id in wanted if job_id in infos}
+        note({"asked": asked, "infos": kept, "wanted": wanted})
+        return {job_id: infos[job_id] for job_id in job_ids}, asked
+
+    def note(board: dict[str, Any]) -> None:
+        with contextlib.suppress(SlForgeryError):
+            write_private_file(path, json.dumps(board))
+
+    directory = _private_dir(control_dir())
+    path = directory / f"board-{server}.json"
+    return run_exclusively(directory / f"board-{server}.lock", exchange)
 
 
 _JOB_ID_RE = re.compile(r"^[0-9]+(_[0-9]+)?$")
@@ -4558,7 +4664,9 @@ class Server:
 
         The end of a job is noticed from its exit record by one remote watcher (no scheduler query); the scheduler
         is asked, for all jobs at once, when `WaitSchedule` says so, for ends no record shows (cancelled while
-        pending, node failure) and to confirm each final state. A scheduler that does not answer is asked again
+        pending, node failure) and to confirm each final state. Its answers are shared with every other wait of this
+        server on this machine (`shared_answer`), so that together they ask it about once per ``poll_first`` seconds
+        (10 at most) however many they are. A scheduler that does not answer is asked again
         for SCHEDULER_GRACE seconds before `SchedulerUnreachable`; a job that can never start (`never_starts`)
         raises `JobCannotStart`, after cancelling it when ``cancel_impossible``.
         """
@@ -4567,7 +4675,9 @@ class Server:
         record_paths = self._record_paths(ids, records)
         nonces = self._record_nonces(ids, records)
         tasks = {job_id: frozenset(records[job_id].task_ids) for job_id in ids if job_id in records}
-        progress = WaitProgress(ids, tasks, WaitSchedule(time.monotonic(), poll_first, poll_max), timeout)
+        watched = frozenset(job_id for job_id in ids if job_id in records and records[job_id].nonce)
+        schedule = WaitSchedule(time.monotonic(), poll_first, poll_max)
+        progress = WaitProgress(ids, tasks, schedule, timeout, watched)
         watching = contextlib.ExitStack()
 
         def start_watcher() -> subprocess.Popen | None:
@@ -4590,13 +4700,19 @@ class Server:
     ) -> bool:
         """One scheduler query for the jobs still waited for; True once every job has ended. A busy controller is
         ridden out (see `WaitProgress.scheduler_silent`); an unknown job or one that can never start raises."""
+        schedule = progress.schedule
+        newer_than = 0.0 if schedule.fresh_after is None else time.time() - (time.monotonic() - schedule.fresh_after)
+        max_age = min(schedule.first, SCHEDULER_POLL_FIRST)
         try:
-            infos = self.job_info(progress.unfinished())
+            infos, answered = shared_answer(
+                self.profile.name, progress.unfinished(), self.job_info, max_age, newer_than
+            )
         except SchedulerBusy as busy:
             self.scheduler_failures += 1
             progress.scheduler_silent(busy, time.monotonic())
             return False
-        for info in progress.update(infos, time.monotonic()):
+        now = time.monotonic()
+        for info in progress.update(infos, now, answered_at=now - max(0.0, time.time() - answered)):
             if on_change:
                 on_change(info)
         if progress.done():
@@ -4646,7 +4762,7 @@ class Server:
             now = time.monotonic()
             if self._cancel_notice() != notice:
                 notice = self._cancel_notice()
-                progress.schedule.next_query = now  # a job may have been cancelled from here: ask now
+                progress.schedule.ask_now(now)  # a job may have been cancelled from here
             if progress.schedule.due(now) and self._ask_scheduler(progress, on_change, cancel_impossible):
                 return progress.result()
             progress.check_deadline(time.monotonic())
@@ -4664,7 +4780,7 @@ class Server:
                 watcher, watcher_started, watcher_ended, buffer = start_watcher(), time.monotonic(), False, ""
                 if watcher is not None:
                     # Its connection was lost: the end may have come meanwhile, so ask the scheduler now too.
-                    progress.schedule.next_query = time.monotonic()
+                    progress.schedule.ask_now(time.monotonic())
                 continue
             ready, _, _ = select.select([watcher.stdout], [], [], pause)
             if not ready:
