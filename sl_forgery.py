@@ -6982,8 +6982,31 @@ def _add_environment_options(parser: Any, env_help: str) -> None:
     _add_setup_option(parser)
 
 
-def get_parser() -> Any:
-    """The whole command line, built once here; completion scripts are generated from it."""
+class _Unbuilt:
+    """A sub-command's parser that this run does not need (see `get_parser`): it takes every call and builds
+    nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+def _command_word(words: Sequence[str]) -> str | None:
+    """The word naming the sub-command, after the options every command takes (``-s NAME``, ``-v``, ``-q``)."""
+    takes_value = False
+    for word in words:
+        if takes_value:
+            takes_value = False
+        elif word in ("-s", "--server") or (re.fullmatch(r"-[vq]+s", word) is not None):
+            takes_value = True
+        elif word == "--" or not word.startswith("-"):
+            return None if word == "--" else word
+    return None
+
+
+def get_parser(only: str | None = None) -> Any:
+    """The whole command line, built once here; completion scripts are generated from it. With ``only``, the
+    sub-commands other than that one are left out (building all of them costs more than a submission's round
+    trip)."""
     import argparse
 
     def common_options(default: Any) -> Any:
@@ -7014,6 +7037,8 @@ def get_parser() -> Any:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, handler: Callable[[Any], int], help_text: str, *parents: Any, **kwargs: Any) -> Any:
+        if only is not None and name != only:
+            return _Unbuilt()
         sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common, *parents], **kwargs)
         sub.set_defaults(handler=handler)
         return sub
@@ -7316,11 +7341,14 @@ def main(argv: Sequence[str] | None = None, *, command_name: str | None = None) 
     if len(words) == 2 and words[0] == "completion" and words[1] in COMPLETION_SHELLS:
         sys.stdout.write(_cached_text(f"completion-{words[1]}", lambda: completion_script(words[1])))
         return EXIT_OK
-    parser = get_parser()
-    if command_name:
-        import argparse
+    import argparse
 
+    parser = get_parser(_command_word(words))
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    if not commands.choices:  # no sub-command named: the whole parser, to list them all
+        parser = get_parser()
         commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    if command_name:
         commands.choices[words[0]].prog = command_name
     try:
         args = parser.parse_args(argv)
