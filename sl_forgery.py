@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 APP_NAME = "sl-forgery"
 KEYRING_SERVICE = "sl-forgery"
 DEFAULT_PORT = 22
+# What `ssh -G` reads besides the user's file; a file these Include from elsewhere is not watched (see socket_path).
+SSH_SYSTEM_CONFIGS = ("/etc/ssh/ssh_config", "/etc/ssh/ssh_config.d")
 DEFAULT_CONTROL_PERSIST = 600  # seconds an idle master stays up
 DEFAULT_CALL_TIMEOUT = 120.0  # seconds any one ssh call may take
 ACCOUNTING_CHECK_TIMEOUT = 15.0  # seconds doctor gives sacct before it calls accounting unresponsive
@@ -2469,6 +2471,15 @@ def _is_own_private_dir(path: str | os.PathLike[str]) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
+def _file_stamp(path: str) -> tuple[int, int, int]:
+    """What changes when a file (or a directory's list of files) changes: inode, size and mtime; zeros if none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return 0, 0, 0
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 def _os_reason(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
@@ -3740,6 +3751,7 @@ class SSHConnection:
         self.control_path = str(control_dir() / "%C")
         self.master_starts = 0
         self._socket_path: str | None = None
+        self._socket_path_to_keep: Path | None = None
 
     # -- argv -----------------------------------------------------------------------------------------------------
 
@@ -3897,11 +3909,31 @@ class SSHConnection:
         return control_dir() / f"master-{os.getpid()}.log"
 
     def socket_path(self) -> str:
-        """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination; resolved once,
-        since connect and every lasting session's slot need it and it cannot change while this process runs."""
+        """The ControlPath with its tokens expanded, as OpenSSH resolves it for this destination. Every call needs
+        it (the session limit is kept beside the socket), and ``ssh -G`` costs as much as a call over the master,
+        so the answer is kept in a private file named after the question: the ``ssh -G`` argv and the state of the
+        ssh config files it reads (a changed file is a new question)."""
         if self._socket_path is None:
-            self._socket_path = self.ssh_settings()["controlpath"]
+            import hashlib
+
+            argv = ["ssh", "-G", *self._mux_args(), *self._target_args(), "--", self.profile.host]
+            own = argv[argv.index("-F") + 1] if "-F" in argv else os.path.expanduser("~/.ssh/config")
+            stamps = [(path, *_file_stamp(path)) for path in (own, *SSH_SYSTEM_CONFIGS)]
+            question = repr((argv, stamps, os.uname().nodename)).encode()  # %C hashes the local host name too
+            cache = control_dir() / f"controlpath-{hashlib.sha256(question).hexdigest()[:24]}"
+            self._socket_path = _read_trusted_cache(cache)
+            if not self._socket_path:
+                self._socket_path = self.ssh_settings()["controlpath"]
+                self._socket_path_to_keep = cache
         return self._socket_path
+
+    def _keep_socket_path(self) -> None:
+        """Keep the resolved ControlPath (see `socket_path`) once a call went through, so that a command that
+        fails before it reaches the server leaves nothing behind."""
+        if self._socket_path_to_keep is not None and self._socket_path:
+            with contextlib.suppress(OSError, SlForgeryError):
+                write_private_file(self._socket_path_to_keep, self._socket_path)
+            self._socket_path_to_keep = None
 
     def ssh_settings(self) -> dict[str, str]:
         """The settings as OpenSSH resolves them for this destination (``ssh -G``), e.g. ``userknownhostsfile``."""
@@ -4016,6 +4048,8 @@ class SSHConnection:
                 raise SSHError(argv, 255, result.stdout, result.stderr, what=what, script=script)
             time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
         result.stdout = without_login_noise(result.stdout)
+        if result.returncode != 255:
+            self._keep_socket_path()
         if check and result.returncode != 0:
             error = SSHError if result.returncode == 255 else CommandError
             what = what or f"remote command on {self.describe()}"
