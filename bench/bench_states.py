@@ -33,8 +33,9 @@ def peak_kilobytes(argv: list[str]) -> int:
     return int(result.stderr.strip().splitlines()[-1])
 
 
-def master_pid(connection: sl_forgery.SSHConnection) -> int:
-    check = subprocess.run(connection._control_argv("check"), capture_output=True, text=True)
+def master_pid(raw: list[str]) -> int:
+    """The pid of the master that ``raw`` (an ssh argv over it) goes through, as ``ssh -O check`` tells it."""
+    check = subprocess.run([raw[0], "-O", "check", *raw[1:]], capture_output=True, text=True)
     return int(re.search(r"pid=(\d+)", check.stderr).group(1))
 
 
@@ -125,7 +126,7 @@ def main() -> None:
     job = ended_job(12)
     waiter = subprocess.Popen([CLI, "wait", "--json", job.job_id], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     time.sleep(4)  # the wait has started its watcher
-    os.kill(master_pid(connection), signal.SIGKILL)  # the connection drops mid-wait
+    os.kill(master_pid(raw), signal.SIGKILL)  # the connection drops mid-wait
     waiter.wait(timeout=300)
     returned = time.time()
     state = json.loads(waiter.stdout.read())["jobs"][0]["state"]
