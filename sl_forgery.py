@@ -2240,6 +2240,7 @@ def srun_shell_command(job_id: str, prelude: Sequence[str] = ()) -> str:
 
 # What a TensorBoard job asks for unless told otherwise: one viewer, for an afternoon.
 TENSORBOARD_DEFAULTS = {"cpus_to_use": 1, "ram_gb": 4, "time_limit": 240}
+STEP_POLL_INTERVAL = 5.0  # seconds between squeue's looks at a TensorBoard's step while forward waits on it
 
 
 def tensorboard_logdir(logdir: str) -> str:
@@ -5530,9 +5531,24 @@ class Server:
             return []
         infos = self.job_info(sorted({record["job_id"] for record in records}))
         ended = [record for record in records if infos[record["job_id"]].status.is_finished]
+        started_steps = [record["started"] for record in records if "." in (record["started"] or "")]
+        if started_steps:
+            # A TensorBoard's step may end while its job runs on (it failed, or was cancelled elsewhere).
+            running = self.running_steps({step.partition(".")[0] for step in started_steps})
+            ended += [
+                r for r in records if r not in ended and "." in (r["started"] or "") and r["started"] not in running
+            ]
         for record in ended:
             self._cancel_forward(record)
         return [{**record, "state": infos[record["job_id"]].status.value} for record in records if record not in ended]
+
+    def running_steps(self, job_ids: Iterable[str]) -> set[str]:
+        """The steps (``JOBID.STEP``) that squeue shows for these jobs, in one call."""
+        argv = ["squeue", "-h", "-s", "-o", "%i", "-j", ",".join(sorted(job_ids))]
+        result = self.run(shlex.join(argv), check=False, what="squeue")
+        if result.returncode != 0 and "Invalid job id" not in result.stderr:
+            raise SlurmError(argv, result.returncode, result.stdout, result.stderr, what="squeue")
+        return set(result.stdout.split())
 
     def stop_forward(self, job_id: str | int, port: int | None = None) -> list[dict[str, Any]]:
         """Remove the forwards made from here to a job (to one of its ports, with ``port``); returns them."""
@@ -6325,13 +6341,22 @@ def cmd_forward(args: Any) -> int:
             f"the forward lasts while the shared connection is open; 'sl-forgery forward --stop {job_id}' removes it",
         )
     _say(args, f"forwarding to port {record['port']} of job {job_id} on {record['node']}; Ctrl-C stops")
+    step = record["started"] if "." in (record["started"] or "") else None
     try:
-        infos = server.wait([job_id])
+        if step:
+            # The step ends with its job, or before it when TensorBoard fails or is cancelled elsewhere.
+            while step in server.running_steps([job_id]):
+                time.sleep(STEP_POLL_INTERVAL)
+        else:
+            infos = server.wait([job_id])
     except KeyboardInterrupt:
         server.stop_forward(job_id, record["port"])
         print(f"\n{APP_NAME}: removed the forward to job {job_id}", file=sys.stderr)
         return EXIT_INTERRUPTED
     server.stop_forward(job_id, record["port"])
+    if step:
+        print(f"{APP_NAME}: TensorBoard's step {step} ended; the forward is gone", file=sys.stderr)
+        return EXIT_FAILURE
     return _say(args, f"job {job_id} ended ({infos[job_id].status}); the forward is gone")
 
 

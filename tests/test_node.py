@@ -337,6 +337,36 @@ def test_tensorboard_in_the_foreground_ends_its_step_and_tunnel_on_ctrl_c_sigter
     assert cluster.job_state(sleeping_job) == "RUNNING"
 
 
+def test_a_tensorboard_step_cancelled_elsewhere_ends_the_foreground_forward(sleeping_job, event_logs, cluster):
+    process = subprocess.Popen(
+        [console_script("sl-forgery"), "forward", sleeping_job, "--tensorboard", event_logs[0], "--env", "tensorboard"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = process.stdout.readline().strip()
+    assert url, process.communicate(timeout=60)[1]
+    (step,) = [step for step in steps(cluster, sleeping_job) if not step.endswith(".batch")]
+    cluster.ssh(f"scancel {step}")
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    assert stderr.endswith(f"sl-forgery: TensorBoard's step {step} ended; the forward is gone\n")
+    with pytest.raises(urllib.error.URLError):
+        page(url)
+    assert cluster.job_state(sleeping_job) == "RUNNING"
+
+
+def test_a_tensorboard_step_cancelled_elsewhere_leaves_the_list_with_its_forward(sleeping_job, event_logs, cluster):
+    started = cli("forward", sleeping_job, "--tensorboard", event_logs[0], "--env", "tensorboard", "--detach", "--json")
+    assert started.returncode == 0, started.stderr
+    record = json.loads(started.stdout)
+    cluster.ssh(f"scancel {record['started']}")
+    wait_until(lambda: record["started"] not in steps(cluster, sleeping_job), "the step still runs")
+    assert json.loads(cli("forward", "--list", "--json").stdout)["forwards"] == []
+    with pytest.raises(urllib.error.URLError):
+        page(record["url"])
+
+
 def test_tensorboard_in_an_environment_without_it_says_so_and_leaves_nothing(sleeping_job, event_logs, cluster):
     result = cli("forward", sleeping_job, "--tensorboard", event_logs[0], "--env", "analysis")
     assert result.returncode == 1
