@@ -1419,6 +1419,18 @@ def merge_job_info(
     return result
 
 
+def end_settled(job_id: str, info: JobInfo, squeue_rows: Mapping[str, JobInfo]) -> bool:
+    """The job's end is for good: it ended and squeue lists neither it nor any of its tasks or components. While
+    the controller still holds a finished job it can send it back to the queue (``scontrol requeue``, a node
+    failure or a preemption with requeue), so its end is asked about again until the controller forgets it.
+
+    >>> done = JobInfo("7", JobStatus.COMPLETED, 0, 0, source="sacct")
+    >>> end_settled("7", done, {}), end_settled("7", done, {"7": done._replace(source="squeue")})
+    (True, False)
+    """
+    return info.ended and not _task_ids(job_id, squeue_rows)
+
+
 def normalize_job_id(job_id: object) -> str:
     """A job id as SLURM prints it: ``123``, an array task ``123_4`` or a heterogeneous job's component ``123+1``;
     leading zeros are dropped, as SLURM reads the number.
@@ -3023,9 +3035,9 @@ def _known_ended(info: JobInfo | None) -> bool:
 
 
 def remember_ended(server: str, ended: Iterable[tuple[JobRecord, JobInfo]]) -> None:
-    """Keep the final states of jobs submitted from here, so that asking again costs no round trip. Each is tied
-    to its submission (its time), so that a job id the controller hands out again is asked about anew. Best effort:
-    a state that cannot be kept is asked for again next time."""
+    """Keep the final states (`end_settled` ones only) of jobs submitted from here, so that asking again costs no
+    round trip. Each is tied to its submission (its time), so that a job id the controller hands out again is asked
+    about anew. Best effort: a state that cannot be kept is asked for again next time."""
     documents = [
         {"server": server, "submitted": record.submitted, **_job_info_document(info)} for record, info in ended
     ]
@@ -4634,7 +4646,8 @@ class Server:
         }
 
     def job_info(self, job_ids: object) -> dict[str, JobInfo]:
-        """What the scheduler says of any number of jobs, in one round trip; final states are cached."""
+        """What the scheduler says of any number of jobs, in one round trip; final states are kept (here and in
+        the ended jobs file) once `end_settled`, and then cost no round trip."""
         ids = _job_ids(job_ids)
         wanted = [job_id for job_id in ids if job_id not in self._final]
         records = load_job_records(self.profile.name) if wanted else {}
@@ -4663,8 +4676,7 @@ class Server:
                 if job_id in records and info.name in ("", "allocation"):
                     # Just after a job ends, sacct may name it "allocation"; the name it was given is known here.
                     info = info._replace(name=records[job_id].name)
-                # squeue alone may show a final state before its exit code is known: keep asking until it is.
-                if info.ended and (info.source != "squeue" or info.exit_code is not None):
+                if end_settled(job_id, info, squeue_rows):
                     self._final[job_id] = info
                     if job_id in records:
                         newly_ended.append((records[job_id], info))

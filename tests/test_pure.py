@@ -171,6 +171,21 @@ def test_array_tasks_combine_into_one_state():
     assert sl_forgery.merge_job_info(["10"], running, tasks, {})["10"].status is JobStatus.RUNNING
 
 
+def test_an_end_is_kept_only_once_squeue_no_longer_lists_the_job_or_any_of_its_parts():
+    completed = JobInfo("10", JobStatus.COMPLETED, 0, 0, source="sacct")
+    assert sl_forgery.end_settled("10", completed, {})
+    # Still held by the controller, which can requeue it: asked about again.
+    assert not sl_forgery.end_settled("10", completed, {"10": completed._replace(source="squeue")})
+    assert not sl_forgery.end_settled("10", completed, {"10_2": JobInfo("10_2", JobStatus.COMPLETED, source="squeue")})
+    assert not sl_forgery.end_settled("10", completed, {"10+1": JobInfo("10+1", JobStatus.FAILED, source="squeue")})
+    assert sl_forgery.end_settled("10", completed, {"100": JobInfo("100", JobStatus.RUNNING, source="squeue")})
+    # A kill told by the exit record alone (no accounting, squeue has forgotten the job) is an end for good too.
+    killed = ExitRecord(None, 15, "10", "n").info("10")
+    assert sl_forgery.end_settled("10", killed, {})
+    assert not sl_forgery.end_settled("10", JobInfo("10", JobStatus.UNKNOWN, source="none"), {})
+    assert not sl_forgery.end_settled("10", JobInfo("10", JobStatus.PENDING, source="squeue"), {})
+
+
 def test_exit_codes_follow_the_documented_table():
     ok, failed = JobInfo("1", JobStatus.COMPLETED, 0), JobInfo("2", JobStatus.FAILED, 3)
     assert sl_forgery.exit_code_for([ok]) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli
+from conftest import cli, variant
 from sl_forgery import Job, JobCannotStart, JobStatus, WaitTimeout
 
 
@@ -88,6 +88,32 @@ def test_a_requeued_job_reads_pending_not_ended(server, cluster, remote_dir):
         assert cluster.wait_for_state(job.job_id, {"PENDING"}) == "PENDING"
         info = server.job_info(job.job_id)[job.job_id]
         assert info.status is JobStatus.PENDING and not info.ended
+    finally:
+        server.cancel(job.job_id)
+
+
+def test_a_finished_job_requeued_reads_pending_and_wait_sees_its_second_end(server, cluster, profile_name, remote_dir):
+    job = make_job(remote_dir)
+    job.add_command(f"echo run >> {remote_dir}/runs")
+    server.submit_job(job)
+    assert server.wait(job.job_id, timeout=120)[job.job_id].status is JobStatus.COMPLETED
+    ended = cli("status", "--json", job.job_id)
+    assert json.loads(ended.stdout)["jobs"][0]["state"] == "COMPLETED", ended.stderr
+    # The controller still holds the finished job (squeue lists it), so it can send it back to the queue.
+    requeue = as_root(cluster, "scontrol", "requeue", job.job_id)
+    assert requeue.returncode == 0, requeue.stderr
+    try:
+        # SLURM holds a requeued job back for a while (reason BeginTime): both views must say it will run again.
+        again = json.loads(cli("status", "--json", job.job_id).stdout)["jobs"][0]
+        assert (again["state"], again["finished"]) in {("PENDING", False), ("REQUEUED", False), ("RUNNING", False)}
+        assert not server.job_info(job.job_id)[job.job_id].ended
+        release = as_root(cluster, "scontrol", "update", f"JobId={job.job_id}", "StartTime=now")
+        assert release.returncode == 0, release.stderr
+        waited = cli("wait", "--json", job.job_id, timeout=300)
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["jobs"][0]["state"] == "COMPLETED"
+        assert remote_file(cluster, f"{remote_dir}/runs").split() == ["run", "run"]
+        assert server.wait(job.job_id, timeout=60)[job.job_id].status is JobStatus.COMPLETED
     finally:
         server.cancel(job.job_id)
 
@@ -270,13 +296,24 @@ def test_waits_of_one_server_share_the_scheduler_answers_and_see_a_cancel_from_e
     assert queries <= len(jobs) + elapsed / 10 + 2, (queries, elapsed)
 
 
-def test_status_of_an_ended_job_makes_no_round_trip_and_logs_n_0_prints_nothing(profile_name, cluster):
-    job_id = cli("run", "--mem", "0.25", "--wait", "--", "printf", "one\\ntwo\\n").stdout.split()[0]
-    first = cli("-v", "status", "--json", job_id)
-    assert json.loads(first.stdout)["jobs"][0]["state"] == "COMPLETED"
-    again = cli("-v", "status", "--json", job_id)
-    assert json.loads(again.stdout) == json.loads(first.stdout)
-    assert "+ ssh" not in again.stderr, again.stderr
+def forgotten_by_squeue(cluster, job_ids: list[str], deadline: float = 300) -> None:
+    """Return once squeue lists none of the jobs (the short-job-age variant purges ended jobs once a minute)."""
+    end = time.monotonic() + deadline
+    while listed := [job_id for job_id in job_ids if cluster.job_state(job_id)]:
+        assert time.monotonic() < end, f"squeue still lists jobs {listed}"
+        time.sleep(0.5)
+
+
+@pytest.mark.exclusive
+def test_status_of_a_job_squeue_has_forgotten_makes_no_round_trip_and_logs_n_0_prints_nothing(profile_name, cluster):
+    with variant("short-job-age"):
+        job_id = cli("run", "--mem", "0.25", "--wait", "--", "printf", "one\\ntwo\\n").stdout.split()[0]
+        forgotten_by_squeue(cluster, [job_id])
+        first = cli("-v", "status", "--json", job_id)
+        assert json.loads(first.stdout)["jobs"][0]["state"] == "COMPLETED"
+        again = cli("-v", "status", "--json", job_id)
+        assert json.loads(again.stdout) == json.loads(first.stdout)
+        assert "+ ssh" not in again.stderr, again.stderr
     assert cli("logs", job_id, "-n", "0").stdout == ""
     assert cli("logs", job_id, "-n", "1").stdout == "two\n"
 
