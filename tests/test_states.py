@@ -318,6 +318,55 @@ def test_status_of_a_job_squeue_has_forgotten_makes_no_round_trip_and_logs_n_0_p
     assert cli("logs", job_id, "-n", "1").stdout == "two\n"
 
 
+@pytest.mark.exclusive
+def test_without_accounting_a_forgotten_job_reads_its_record_and_a_killed_or_never_run_one_is_never_completed(
+    server, cluster, remote_dir, unique_name
+):
+    def submit(command: str, **options) -> str:
+        job = Job(unique_name, f"{remote_dir}/o-%j", f"{remote_dir}/e-%j", remote_dir, ram_gb=0.25, **options)
+        job.add_command(command)
+        return server.submit_job(job).job_id
+
+    with variant("no-accounting"), variant("short-job-age"):
+        completed = submit("true")
+        cancelled = submit("sleep 300")
+        timed_out = submit("sleep 300", time_limit=1)
+        never_ran = submit("true", sbatch_options=["--begin=now+3600"])
+        assert cluster.wait_for_state(cancelled, {"RUNNING"}) == "RUNNING"
+        server.cancel([cancelled, never_ran])
+        # SLURM ends a job at its time limit only 80 s or so after submission: wait for its record to say so.
+        for job_id in (cancelled, timed_out):
+            assert remote_file(cluster, f"{remote_dir}/.sl-forgery/{job_id}.exit", deadline=300).split()[:2] == [
+                "signal",
+                "15",
+            ]
+        forgotten_by_squeue(cluster, [completed, cancelled, timed_out, never_ran])
+        # Nothing but the exit records is left to tell how each job ended.
+        waited = cli("wait", "--json", completed, cancelled, timed_out)
+        assert waited.returncode == 1, waited.stderr
+        ends = {job["job_id"]: job for job in json.loads(waited.stdout)["jobs"]}
+        assert (ends[completed]["state"], ends[completed]["exit_code"]) == ("COMPLETED", 0)
+        for job_id in (cancelled, timed_out):
+            assert (ends[job_id]["state"], ends[job_id]["signal"], ends[job_id]["finished"]) == ("UNKNOWN", 15, True)
+        assert cli("wait", completed).returncode == 0
+        # A job cancelled before it ran left no record: nothing knows it, and wait says so instead of waiting on.
+        lost = cli("wait", never_ran)
+        assert lost.returncode == 1 and "Traceback" not in lost.stderr, lost.stderr
+        assert lost.stderr.strip().splitlines()[-1].startswith(f"sl-forgery: error: job {never_ran} is unknown")
+        statuses = cli("status", "--json", completed, cancelled, timed_out, never_ran)
+        assert statuses.returncode == 0, statuses.stderr
+        states = {
+            job["job_id"]: (job["state"], job["exit_code"], job["signal"])
+            for job in json.loads(statuses.stdout)["jobs"]
+        }
+        assert states == {
+            completed: ("COMPLETED", 0, 0),
+            cancelled: ("UNKNOWN", None, 15),
+            timed_out: ("UNKNOWN", None, 15),
+            never_ran: ("UNKNOWN", None, None),
+        }
+
+
 def test_an_unchanged_servers_file_is_not_parsed_again_and_a_changed_one_is(profile_name, home):
     import sl_forgery
 
