@@ -1860,24 +1860,45 @@ def plan_script(
 
 
 def submit_command(plan: SubmissionPlan) -> str:
-    """Remote script: make the directories, write the job's script, sbatch it; on refusal remove the script.
+    """Remote script: make the directories, write the job's script, check that every directory takes a file, sbatch
+    the script; on refusal remove the script.
 
     sbatch's exit code is printed as a last ``@@ N`` line, because sbatch itself may exit 255, which would read as
     a failure of ssh. What it prints is kept in ``SCRIPT.submitted`` first, so that a connection lost while sbatch
-    runs loses no job id (see `submission_lookup_command`).
+    runs loses no job id (see `submission_lookup_command`). A directory that cannot be written (read-only, someone
+    else's, a full disk or quota) ends the submission before sbatch, which would accept a job whose log cannot be
+    written: exit 1, a last stderr line ``cannot write in DIR: REASON`` (the server's own words), and what this
+    submission made (the script, new directories) removed again, so that a lookup finds no script and nothing ran.
     """
     quoted_script = shlex.quote(plan.script_path)
     outcome = shlex.quote(plan.script_path + ".submitted")
-    missing = " || ".join(f"[ ! -d {shlex.quote(directory)} ]" for directory in plan.directories)
+    directories = " ".join(map(shlex.quote, plan.directories))
+    script_directory = shlex.quote(str(PurePosixPath(plan.script_path).parent))
+    ancestors = {str(path) for directory in plan.directories for path in PurePosixPath(directory).parents}
+    deepest_first = sorted({*plan.directories, *ancestors} - {"/"}, key=lambda path: (-path.count("/"), path))
     start, body = shell_here_document(plan.script)
+    undo = f'rm -f -- {quoted_script} 2>/dev/null; rmdir -- "$@" 2>/dev/null; exit 1'
     return (
-        f"if {missing}; then mkdir -p -- {' '.join(map(shlex.quote, plan.directories))} || exit 1; fi\n"
-        f"cat > {quoted_script} {start}\n{body}"
-        "[ $? = 0 ] || exit 1\n"
+        # The directories this submission is about to make, deepest first, kept in $@ to remove them again.
+        "set --\n"
+        f'for d in {" ".join(map(shlex.quote, deepest_first))}; do [ -d "$d" ] || set -- "$@" "$d"; done\n'
+        f"if [ $# != 0 ]; then mkdir -p -- {directories} || {{ {undo}; }}; fi\n"
+        # Outside the command substitution below, so that the script's text is parsed as a here-document only.
+        f"write_script() {{\ncat > {quoted_script} {start}\n{body}}}\n"
+        # cat, not a shell builtin, so that a full disk or quota is reported in the server's own words.
+        "if ! reason=$(write_script 2>&1); then\n"
+        f'    echo "cannot write in "{script_directory}": ${{reason##*: }}" >&2; {undo}\n'
+        "fi\n"
+        f"for d in {directories}; do\n"
+        '    if ! reason=$( { printf x | cat > "$d/.sl-forgery-probe.$$"; } 2>&1); then\n'
+        f'        echo "cannot write in $d: ${{reason##*: }}" >&2; rm -f -- "$d/.sl-forgery-probe.$$"; {undo}\n'
+        "    fi\n"
+        '    rm -f -- "$d/.sl-forgery-probe.$$"\n'
+        "done\n"
         f"{shlex.join(plan.sbatch_argv)} > {outcome}.tmp; rc=$?\n"
         f'echo "@@ $rc" >> {outcome}.tmp && mv -f -- {outcome}.tmp {outcome}\n'
         f"cat -- {outcome}\n"
-        f"if [ $rc != 0 ]; then rm -f -- {quoted_script} {outcome}; fi"
+        f'if [ $rc != 0 ]; then rm -f -- {quoted_script} {outcome}; rmdir -- "$@" 2>/dev/null || :; fi'
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shlex
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -207,6 +208,61 @@ def test_the_submit_command_carries_the_script_byte_for_byte_even_with_its_delim
     job.add_command("SLF_END")
     command = sl_forgery.submit_command(sl_forgery.plan_job(job))
     assert "<<'SLF_END_1'\n" + job.script + "SLF_END_1\n" in command
+
+
+@pytest.fixture
+def open_directory():
+    """A directory an unprivileged user can reach and write (pytest's own are private to root)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="slf-submit-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_the_submit_command_refuses_a_directory_it_cannot_write_and_removes_what_it_made(open_directory):
+    """The remote half of a submission, run by a real sh as an unprivileged user, with sbatch replaced by echo."""
+    import subprocess
+
+    base = open_directory
+    readonly = base / "readonly"
+    readonly.mkdir(mode=0o555)
+    plan = sl_forgery.plan_submission(
+        "#!/bin/bash\necho ')'\n",
+        name="j",
+        working_directory=f"{base}/new/work",
+        output_log=f"{base}/new/work/out.txt",
+        error_log=f"{readonly}/err.txt",
+    )._replace(sbatch_argv=("echo", "4242"))
+
+    def submit(plan: sl_forgery.SubmissionPlan) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["runuser", "-u", "nobody", "--", "/bin/sh", "-s"],
+            input=sl_forgery.submit_command(plan),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    refused = submit(plan)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == f"cannot write in {readonly}: Permission denied\n"
+    assert sorted(path.name for path in base.iterdir()) == ["readonly"]
+    accepted_directories = tuple(d for d in plan.directories if d != str(readonly))
+    accepted = submit(plan._replace(directories=accepted_directories))
+    assert accepted.returncode == 0 and accepted.stdout == "4242\n@@ 0\n", accepted.stderr
+    records = base / "new" / "work" / ".sl-forgery"
+    assert sorted(path.name for path in records.iterdir()) == sorted(
+        [Path(plan.script_path).name, Path(plan.script_path).name + ".submitted"]
+    )
+    assert Path(plan.script_path).read_text() == plan.script
+    # sbatch refuses a second job in the same, existing directories: its exit code, and only its script goes.
+    again = plan._replace(script_path=f"{records}/other.sh", sbatch_argv=("false",))
+    refused_by_sbatch = submit(again._replace(directories=accepted_directories))
+    assert (refused_by_sbatch.returncode, refused_by_sbatch.stdout) == (0, "@@ 1\n"), refused_by_sbatch.stderr
+    assert len(list(records.iterdir())) == 2
 
 
 # -- the wait schedule ----------------------------------------------------------------------------------------------

@@ -239,3 +239,79 @@ def test_a_key_logins_one_time_code_is_asked_once_on_its_terminal_then_one_conne
         assert terminal.screen.count("One-time password") == 1, terminal.screen
         assert log.logins(cluster.user) == 2, log.new_lines()
         assert cli("disconnect").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A directory that cannot be written: read-only, someone else's, a full disk
+
+
+def _jobs_named(cluster, name: str) -> str:
+    """This test's own jobs, by their unique name: squeue keeps ended ones for minutes."""
+    return cluster.ssh(f"squeue -h --states=all --name={name} -o %i").stdout.strip()
+
+
+def _refused_in_one_line(result: subprocess.CompletedProcess, directory: str, reason: str) -> None:
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert directory in result.stderr and reason in result.stderr, result.stderr
+
+
+def test_a_read_only_log_directory_fails_the_submission_before_sbatch_and_leaves_no_script(cluster, server, remote_dir):
+    logs = f"{remote_dir}/logs"
+    cluster.ssh(f"mkdir -p {logs} && chmod 555 {logs}")
+    try:
+        name = f"rolog{uuid.uuid4().hex[:8]}"
+        job = sl_forgery.Job(name, f"{logs}/out.txt", f"{logs}/err.txt", remote_dir, ram_gb=0.25, time_limit=5)
+        job.add_command("true")
+        with pytest.raises(sl_forgery.CommandError) as refused:
+            server.submit_job(job)
+        summary = refused.value.summary
+        assert f"cannot write in {logs}: Permission denied" in summary and "\n" not in summary
+        assert job.job_id is None and _jobs_named(cluster, name) == ""
+        # Only what was there before: no script, no probe, no outcome file.
+        assert cluster.ssh(f"find {remote_dir} -mindepth 1").stdout.split() == [logs]
+        assert sl_forgery.load_job_records() == {}
+    finally:
+        cluster.ssh(f"chmod 755 {logs} && rm -rf {remote_dir}")
+
+
+def test_a_working_directory_in_someone_elses_directory_fails_in_one_line_and_makes_nothing(cluster, profile_name):
+    others = Path(cluster.home) / "tests" / f"root-owned-{uuid.uuid4().hex[:8]}"
+    others.mkdir(mode=0o755, parents=True)  # made by root: the test user may read it, not write in it
+    try:
+        name = f"other{uuid.uuid4().hex[:8]}"
+        result = cli("run", "--name", name, "--workdir", f"{others}/work", "--", "true")
+        _refused_in_one_line(result, f"{others}/work", "Permission denied")
+        # A directory of its own that is read-only: the record directory cannot be made in it.
+        readonly = f"{cluster.home}/tests/readonly-{uuid.uuid4().hex[:8]}"
+        cluster.ssh(f"mkdir -p {readonly} && chmod 555 {readonly}")
+        try:
+            own = cli("run", "--name", name, "--workdir", readonly, "--", "true")
+            _refused_in_one_line(own, readonly, "Permission denied")
+            assert cluster.ssh(f"find {readonly} -mindepth 1").stdout == ""
+        finally:
+            cluster.ssh(f"chmod 755 {readonly} && rm -rf {readonly}")
+        assert _jobs_named(cluster, name) == "" and list(others.iterdir()) == []
+        assert json.loads(cli("history", "--json").stdout)["jobs"] == []
+    finally:
+        others.rmdir()
+
+
+def test_a_full_disk_fails_the_submission_with_the_servers_message_and_leaves_no_script(cluster, profile_name):
+    full = Path(cluster.home) / "tests" / f"full-{uuid.uuid4().hex[:8]}"
+    full.mkdir(parents=True)
+    # A real filesystem of 64 KiB, the test user's, filled up.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(full)], check=True)
+    try:
+        records = full / "work" / sl_forgery.REMOTE_RECORD_DIR
+        records.mkdir(parents=True)
+        subprocess.run(["chown", "-R", f"{cluster.user}:", str(full)], check=True)
+        filled = subprocess.run(["dd", "if=/dev/zero", f"of={full}/filler", "bs=4k"], capture_output=True, text=True)
+        assert "No space left on device" in filled.stderr
+        name = f"full{uuid.uuid4().hex[:8]}"
+        result = cli("run", "--name", name, "--workdir", f"{full}/work", "--", "true")
+        _refused_in_one_line(result, str(records), "No space left on device")
+        assert list(records.iterdir()) == [] and _jobs_named(cluster, name) == ""
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
+        full.rmdir()
