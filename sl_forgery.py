@@ -1935,6 +1935,16 @@ def parse_scancel_refusals(stderr: str) -> dict[str, str]:
     return dict(re.findall(r"Kill job error on job id (\S+): (.+)", stderr))
 
 
+def login_output(stdout: str) -> str:
+    """What the login shell's start-up files printed before a remote command's own output ('' when nothing).
+
+    >>> login_output("Welcome to the cluster\\n@@sl-forgery-output@@\\n4242\\n")
+    'Welcome to the cluster\\n'
+    """
+    printed, marker, _ = stdout.partition(f"{OUTPUT_MARKER}\n")
+    return printed if marker else ""
+
+
 def without_login_noise(stdout: str) -> str:
     """A remote command's own output: what follows the OUTPUT_MARKER line, or all of it when there is none.
 
@@ -4081,6 +4091,7 @@ class SSHConnection:
                 what = f"ssh to {self.describe()}{self._refusal() if self.is_connected() else ''}"
                 raise SSHError(argv, 255, result.stdout, result.stderr, what=what, script=script)
             time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jittered, so that refused commands spread out
+        result.login_output = login_output(result.stdout)  # type: ignore[attr-defined]  # doctor reports it
         result.stdout = without_login_noise(result.stdout)
         if result.returncode != 255:
             self._keep_socket_path()
@@ -4988,7 +4999,7 @@ class Server:
             return [["connection", "FAIL", error.summary, fix], *skipped]
         elapsed = time.monotonic() - started
         rows = [["connection", "ok", f"{self.destination} ({elapsed:.2f} s)", ""]]
-        checks = (_login_check, _slurm_check, _accounting_check, _module_check, _environment_check)
+        checks = (_login_check, _login_output_check, _slurm_check, _accounting_check, _module_check, _environment_check)
         return rows + [check(self) for check in checks]
 
     # -- Jupyter ----------------------------------------------------------------------------------------------------
@@ -5686,7 +5697,7 @@ class Server:
         return gone
 
 
-SERVER_CHECK_NAMES = ("login shell", "slurm", "accounting", "modules", "environment")
+SERVER_CHECK_NAMES = ("login shell", "login output", "slurm", "accounting", "modules", "environment")
 ACCOUNTING_OFF_DETAIL = (
     "off: states come from squeue and the jobs' exit records; a job squeue has forgotten and that left no record "
     "reads UNKNOWN"
@@ -5697,6 +5708,20 @@ def _login_check(server: Server) -> list[str]:
     result = server.run("printf '%s\\n' \"$SHELL\"", check=False)
     shell = (result.stdout.strip().splitlines() or ["?"])[-1]
     return ["login shell", "ok", f"{shell or '?'} (any login shell works)", ""]
+
+
+def _login_output_check(server: Server) -> list[str]:
+    """Whether a login prints to stdout: sl-forgery's own calls skip it, but rsync, scp and sftp read it as theirs."""
+    printed = getattr(server.run("true", check=False), "login_output", "")
+    if not printed:
+        return ["login output", "ok", "a login prints nothing on stdout", ""]
+    lines = printed.splitlines()
+    shown = repr(lines[0]) + (" and more" if len(lines) > 1 else "")
+    detail = (
+        f"a login prints {shown} on stdout ({len(printed.encode())} bytes): sl-forgery skips it, but sync (rsync), "
+        "scp and sftp need a login that prints only in interactive shells"
+    )
+    return ["login output", "ok", detail, ""]
 
 
 def _slurm_check(server: Server) -> list[str]:

@@ -285,6 +285,7 @@ def test_doctor_passes_on_a_healthy_setup_and_reports_a_broken_keyring(profile_n
         "keyring",
         "connection",
         "login shell",
+        "login output",
         "slurm",
         "accounting",
         "modules",

@@ -155,6 +155,7 @@ def test_doctor_checks_the_environment_the_profile_uses_through_its_module(modul
     assert rows["modules"][0] == "ok" and "Lua" in rows["modules"][1]
     assert rows["environment"] == ["ok", f"analysis (conda): activates, {_server_python()}"]
     assert rows["login shell"] == ["ok", "/bin/bash (any login shell works)"]
+    assert rows["login output"] == ["ok", "a login prints nothing on stdout"]
 
 
 def test_doctor_fails_on_a_module_line_for_a_module_the_site_lacks(module_user_profile):

@@ -81,7 +81,14 @@ def test_the_same_job_runs_end_to_end_whatever_the_login_shell(cluster, home, sh
     logs = cli("logs", "--err", failing.stdout.split()[0])
     assert logs.returncode == 0 and logs.stdout == "oops\n"
     doctor = cli("check")
-    assert f"login shell  ok      {'/bin' if shell in ('bash', 'dash') else '/usr/bin'}/{shell}" in doctor.stdout
+    assert f"login shell   ok      {'/bin' if shell in ('bash', 'dash') else '/usr/bin'}/{shell}" in doctor.stdout
+    # The tcsh user's start-up file greets on stdout at every login; the others print nothing.
+    printed = next(line for line in doctor.stdout.splitlines() if line.startswith("login output"))
+    greeting = f"Welcome to slfc, {user}"
+    if shell == "tcsh":
+        assert f"a login prints '{greeting}' on stdout ({len(greeting) + 1} bytes)" in printed
+    else:
+        assert printed.split(None, 3)[2:] == ["ok", "a login prints nothing on stdout"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
