@@ -376,6 +376,19 @@ def client_port(connection) -> int:
     return int(connection.run("echo $SSH_CONNECTION").stdout.split()[1])
 
 
+@pytest.fixture
+def slow_epilog(cluster, request):
+    """Every job ending now stays COMPLETING for 3 s, as on clusters whose epilog cleans up after each job. It
+    slows every run's jobs, so only an exclusive test may use it; removed after."""
+    assert request.node.get_closest_marker("exclusive"), "a test that delays the epilog must be marked exclusive"
+    delay = cluster.state / "slurm" / "epilog-delay"
+    try:
+        delay.write_text("3")
+        yield
+    finally:
+        delay.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def variant(name: str):
     """One of the test cluster's harsher set-ups (see scripts/cluster), switched on for a test and off after it,

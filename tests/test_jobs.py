@@ -591,19 +591,6 @@ def test_a_login_shell_that_prints_changes_no_result(profile_name, chatty_login)
     assert [row for name, row in rows.items() if "Welcome" in row and name != "login output"] == []
 
 
-@pytest.fixture
-def slow_epilog(cluster, request):
-    """Every job ending now stays COMPLETING for 3 s, as on clusters whose epilog cleans up after each job. It
-    slows every run's jobs, so only an exclusive test may use it; removed after."""
-    assert request.node.get_closest_marker("exclusive"), "a test that delays the epilog must be marked exclusive"
-    delay = cluster.state / "slurm" / "epilog-delay"
-    try:
-        delay.write_text("3")
-        yield
-    finally:
-        delay.unlink(missing_ok=True)
-
-
 @pytest.mark.exclusive
 def test_the_original_loop_and_wait_outlast_a_completing_job(server, remote_dir, cluster, slow_epilog):
     # With accounting down, nothing but squeue speaks for the job, and squeue says COMPLETING during the epilog.
