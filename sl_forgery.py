@@ -1355,15 +1355,25 @@ def _task_ids(job_id: str, *sources: Mapping[str, JobInfo]) -> list[str]:
 
 
 _ENDING_STATES = frozenset({JobStatus.COMPLETING, JobStatus.STAGE_OUT})  # the job's processes have ended
+# Ends after which SLURM itself may put the job back in the queue (preemption or a node failure with requeue).
+_REQUEUED_AFTER = frozenset({JobStatus.PREEMPTED, JobStatus.NODE_FAIL, JobStatus.BOOT_FAIL})
 
 
 def _pick(queue_info: JobInfo | None, account_info: JobInfo | None) -> JobInfo | None:
     """squeue's live state wins: a job it shows waiting or running will run (again), whatever sacct says of an
     earlier run (a requeued job). An end comes from sacct when it has one (with the exit code), also while squeue
-    still shows the job COMPLETING (its processes are gone; the epilog runs), else from squeue."""
+    still shows the job COMPLETING (its processes are gone; the epilog runs), else from squeue; but not an end
+    after which SLURM may requeue the job: while it is COMPLETING, only squeue can tell whether it will run again.
+
+    >>> ending = JobInfo("5", JobStatus.COMPLETING, source="squeue")
+    >>> _pick(ending, JobInfo("5", JobStatus.PREEMPTED, 0, 0, source="sacct")).status
+    <JobStatus.COMPLETING: 'COMPLETING'>
+    """
     if queue_info and not queue_info.status.is_finished and queue_info.status not in _ENDING_STATES:
         return queue_info
     if account_info and account_info.status.is_finished:
+        if queue_info and queue_info.status in _ENDING_STATES and account_info.status in _REQUEUED_AFTER:
+            return queue_info
         return account_info
     return queue_info or account_info
 

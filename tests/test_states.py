@@ -118,6 +118,33 @@ def test_a_finished_job_requeued_reads_pending_and_wait_sees_its_second_end(serv
         server.cancel(job.job_id)
 
 
+@pytest.mark.exclusive
+def test_a_job_preempted_and_requeued_never_reads_ended_while_its_epilog_runs(
+    server, cluster, remote_dir, unique_name, slow_epilog
+):
+    with variant("preemption"):
+        job = make_job(remote_dir, unique_name, cpus=32)  # the whole node: an urgent job must preempt it
+        job.add_command("sleep 300")
+        server.submit_job(job)
+        assert cluster.wait_for_state(job.job_id, {"RUNNING"}) == "RUNNING"
+        try:
+            cluster.ssh(f"sbatch --parsable -p urgent -c 32 --mem=64M -J {unique_name} -o /dev/null --wrap 'sleep 1'")
+            # While the epilog runs squeue says COMPLETING and sacct PREEMPTED; then squeue shows it waiting again.
+            seen = []
+            deadline = time.monotonic() + 120
+            while cluster.job_state(job.job_id) != "PENDING":
+                info = server.job_info(job.job_id)[job.job_id]
+                seen.append(info.status)
+                assert not info.ended, seen
+                assert time.monotonic() < deadline, seen
+            assert JobStatus.COMPLETING in seen
+            assert server.job_info(job.job_id)[job.job_id].status is JobStatus.PENDING
+            with pytest.raises(WaitTimeout):
+                server.wait(job.job_id, timeout=3)
+        finally:
+            server.cancel(job.job_id)
+
+
 def test_a_task_of_a_pending_array_and_a_heterogeneous_job_are_known_by_their_own_ids(server, cluster, remote_dir):
     (array,) = held_jobs(cluster, remote_dir, "-a 1-5 -o /dev/null --wrap true")
     components = "#!/bin/sh\\n#SBATCH -o /dev/null\\n#SBATCH hetjob\\n#SBATCH -o /dev/null\\ntrue\\n"
