@@ -4563,6 +4563,20 @@ class Server:
             write_private_file(self._homes_path(), json.dumps(homes))
         return home
 
+    def job_layout(
+        self, values: Mapping[str, Any], default_name: str, home: str | None = None
+    ) -> tuple[list[str], dict[str, Any]]:
+        """A job made here from `Job` keywords (None: not given): its name, output log, error log and working
+        directory, in that order, and its other keywords. It is called ``default_name`` unless ``values`` name it,
+        and runs in a new job directory (`job_directory`, under ``home`` if given) unless they give one, with the
+        profile's partition and account where they give none."""
+        values = {key: value for key, value in values.items() if value is not None}
+        name = values.pop("job_name", None) or default_name
+        directory = values.pop("working_directory", None) or self.job_directory(name, home)
+        for field in ("partition", "account"):
+            values[field] = choose(values.get(field), self.profile, field)
+        return [name, f"{directory}/output.log", f"{directory}/error.log", directory], values
+
     def job_directory(self, job_name: str, home: str | None = None) -> str:
         """A new directory for a job made from the command line: under the profile's working root (and user), else
         under the remote home (``home``, else asked once)."""
@@ -5074,17 +5088,12 @@ class Server:
         partition, account and env_manager), and
         ``working_directory`` (default: a new job directory, under ``home`` if given, where the server must not be
         asked)."""
-        options = {key: value for key, value in options.items() if value is not None}
         home = options.pop("home", None)
-        working_directory = options.pop("working_directory", None) or self.job_directory(job_name, home)
-        for field in ("partition", "account", "env_manager"):
-            options[field] = choose(options.get(field), self.profile, field)
+        leading, options = self.job_layout({"job_name": job_name, **options}, job_name, home)
+        options["env_manager"] = choose(options.get("env_manager"), self.profile, "env_manager")
         options["setup"] = [*self.profile.setup, *options.get("setup", ())]
         return JupyterJob(
-            job_name,
-            f"{working_directory}/output.log",
-            f"{working_directory}/error.log",
-            working_directory,
+            *leading,
             conda_environment,
             os.fspath(notebook_directory),
             **{**JUPYTER_DEFAULTS, **options},
@@ -5348,11 +5357,8 @@ class Server:
         """Submit a job that only holds its resources (sleeps until cancelled or out of time), for a shell or an
         editor to attach to: a batch job, so that a dropped connection does not end it. ``resources``: `Job`
         keywords (``working_directory``, unset ones take Job's defaults and the profile's partition and account)."""
-        resources = {key: value for key, value in resources.items() if value is not None}
-        directory = resources.pop("working_directory", None) or self.job_directory(name)
-        for field in ("partition", "account"):
-            resources[field] = choose(resources.get(field), self.profile, field)
-        job = Job(name, f"{directory}/output.log", f"{directory}/error.log", directory, **resources)
+        leading, values = self.job_layout({"job_name": name, **resources}, name)
+        job = Job(*leading, **values)
         job.add_command("sleep infinity")
         return self.submit_job(job)
 
@@ -5504,22 +5510,10 @@ class Server:
         setup: Sequence[str],
         resources: Mapping[str, Any],
     ) -> Job:
-        values = {key: value for key, value in resources.items() if value is not None}
-        name = values.pop("job_name", None) or "tensorboard"
-        directory = values.pop("working_directory", None) or self.job_directory(name)
-        for field in ("partition", "account"):
-            values[field] = choose(values.get(field), self.profile, field)
-        job = Job(
-            name,
-            f"{directory}/output.log",
-            f"{directory}/error.log",
-            directory,
-            environment,
-            env_manager=env_manager,
-            setup=setup,
-            **{**TENSORBOARD_DEFAULTS, **values},
-        )
-        for line in render_tensorboard_commands(f"{directory}/{REMOTE_RECORD_DIR}/tensorboard", quoted_logdir):
+        leading, values = self.job_layout(resources, "tensorboard")
+        job = Job(*leading, environment, env_manager=env_manager, setup=setup, **{**TENSORBOARD_DEFAULTS, **values})
+        run_directory = f"{job.working_directory}/{REMOTE_RECORD_DIR}/tensorboard"
+        for line in render_tensorboard_commands(run_directory, quoted_logdir):
             job.add_command(line)
         return job
 
@@ -6187,19 +6181,8 @@ def _environment_arguments(args: Any, profile: Profile) -> dict[str, Any]:
 
 def _job_from_args(args: Any, server: Server, command: Sequence[str]) -> Job:
     """The job `run` submits: the resource flags, else the profile's defaults, else Job's own."""
-    values = _flag_values(args)
-    name = values.pop("job_name", None) or Path(command[0]).name
-    workdir = values.pop("working_directory", None) or server.job_directory(name, _plan_home(server, args.dry_run))
-    for field in ("partition", "account"):
-        values[field] = choose(values.get(field), server.profile, field)
-    job = Job(
-        name,
-        f"{workdir}/output.log",
-        f"{workdir}/error.log",
-        workdir,
-        **_environment_arguments(args, server.profile),
-        **values,
-    )
+    leading, values = server.job_layout(_flag_values(args), Path(command[0]).name, _plan_home(server, args.dry_run))
+    job = Job(*leading, **_environment_arguments(args, server.profile), **values)
     job.add_command(shlex.join(command))
     return job
 
