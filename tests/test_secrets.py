@@ -462,7 +462,7 @@ def test_server_check_reports_what_works_on_the_server(profile_name):
     result = cli("server", "check", profile_name)
     assert result.returncode == 0, result.stdout
     rows = dict(re.split(r"\s{2,}", line)[:2] for line in result.stdout.splitlines()[1:])
-    checks = ("connection", "login shell", "slurm", "accounting", "modules", "environment")
+    checks = ("connection", "login shell", "login output", "slurm", "accounting", "modules", "environment")
     assert rows == dict.fromkeys(checks, "ok")
 
 
