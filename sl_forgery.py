@@ -1870,8 +1870,8 @@ def plan_script(
 
 
 def submit_command(plan: SubmissionPlan) -> str:
-    """Remote script: make the directories, write the job's script, check that every directory takes a file, sbatch
-    the script; on refusal remove the script.
+    """Remote script: make the directories, write the job's script, check that each log can be written, sbatch the
+    script; on refusal remove the script.
 
     sbatch's exit code is printed as a last ``@@ N`` line, because sbatch itself may exit 255, which would read as
     a failure of ssh. What it prints is kept in ``SCRIPT.submitted`` first, so that a connection lost while sbatch
@@ -1884,6 +1884,8 @@ def submit_command(plan: SubmissionPlan) -> str:
     outcome = shlex.quote(plan.script_path + ".submitted")
     directories = " ".join(map(shlex.quote, plan.directories))
     script_directory = shlex.quote(str(PurePosixPath(plan.script_path).parent))
+    log_paths = {plan.record.output_log, plan.record.error_log}
+    logs = " ".join(shlex.quote(log) for log in sorted(log_paths) if "%" not in str(PurePosixPath(log).parent))
     ancestors = {str(path) for directory in plan.directories for path in PurePosixPath(directory).parents}
     deepest_first = sorted({*plan.directories, *ancestors} - {"/"}, key=lambda path: (-path.count("/"), path))
     start, body = shell_here_document(plan.script)
@@ -1899,7 +1901,10 @@ def submit_command(plan: SubmissionPlan) -> str:
         "if ! reason=$(write_script 2>&1); then\n"
         f'    echo "cannot write in "{script_directory}": ${{reason##*: }}" >&2; {undo}\n'
         "fi\n"
-        f"for d in {directories}; do\n"
+        # A log that exists and takes writes (/dev/null, a log appended to) needs nothing of its directory.
+        f"for log in {logs}; do\n"
+        '    [ -f "$log" ] || [ -c "$log" ] && [ -w "$log" ] && continue\n'
+        "    d=${log%/*}; d=${d:-/}\n"
         '    if ! reason=$( { printf x | cat > "$d/.sl-forgery-probe.$$"; } 2>&1); then\n'
         f'        echo "cannot write in $d: ${{reason##*: }}" >&2; rm -f -- "$d/.sl-forgery-probe.$$"; {undo}\n'
         "    fi\n"

@@ -497,6 +497,14 @@ def test_cli_submit_respects_the_scripts_own_log_lines_and_names_a_nameless_job(
     assert history["name"] == "analysis-step" and history["output_log"].endswith("/custom-%j.log")
 
 
+def test_a_script_whose_logs_go_to_dev_null_is_submitted(profile_name, tmp_path):
+    script = tmp_path / "quiet.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --output=/dev/null\n#SBATCH --error=/dev/null\necho gone\n")
+    submitted = cli("submit", str(script), "--mem", "0.25", "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    assert cli("status", "--json", submitted.stdout.strip()).stdout.count('"COMPLETED"') == 1
+
+
 def test_cli_logs_follow_prints_the_output_as_it_comes_and_ends_with_the_job(profile_name):
     job_id = cli("run", "--mem", "0.25", "--", "sh", "-c", "echo first; sleep 3; echo second; exit 4").stdout.strip()
     followed = cli("logs", "--follow", job_id, timeout=120)

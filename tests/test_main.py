@@ -250,8 +250,10 @@ def test_the_submit_command_refuses_a_directory_it_cannot_write_and_removes_what
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr == f"cannot write in {readonly}: Permission denied\n"
     assert sorted(path.name for path in base.iterdir()) == ["readonly"]
+    # /dev/null takes writes though its directory takes no file: a log sent there is fine.
     accepted_directories = tuple(d for d in plan.directories if d != str(readonly))
-    accepted = submit(plan._replace(directories=accepted_directories))
+    to_dev_null = plan.record._replace(error_log="/dev/null")
+    accepted = submit(plan._replace(directories=(*accepted_directories, "/dev"), record=to_dev_null))
     assert accepted.returncode == 0 and accepted.stdout == "4242\n@@ 0\n", accepted.stderr
     records = base / "new" / "work" / ".sl-forgery"
     assert sorted(path.name for path in records.iterdir()) == sorted(
@@ -259,7 +261,7 @@ def test_the_submit_command_refuses_a_directory_it_cannot_write_and_removes_what
     )
     assert Path(plan.script_path).read_text() == plan.script
     # sbatch refuses a second job in the same, existing directories: its exit code, and only its script goes.
-    again = plan._replace(script_path=f"{records}/other.sh", sbatch_argv=("false",))
+    again = plan._replace(script_path=f"{records}/other.sh", sbatch_argv=("false",), record=to_dev_null)
     refused_by_sbatch = submit(again._replace(directories=accepted_directories))
     assert (refused_by_sbatch.returncode, refused_by_sbatch.stdout) == (0, "@@ 1\n"), refused_by_sbatch.stderr
     assert len(list(records.iterdir())) == 2
