@@ -1522,11 +1522,11 @@ def status_query_command(job_ids: Sequence[str], record_paths: Mapping[str, str]
     # A controller too busy to answer, or an accounting database that never does, must not hang a wait: each
     # scheduler command gets SCHEDULER_CALL_TIMEOUT seconds (exit 124 after it).
     limit = f"timeout {SCHEDULER_CALL_TIMEOUT:g}"
-    lines = [
-        f'{limit} squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} 2>&1; echo "@@ $?"',
-        f'{limit} sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"',
-    ]
-    return "\n".join([*lines, exit_records_command(record_paths)])
+    squeue = f'{limit} squeue -h --states=all -j {ids} -o {shlex.quote(SQUEUE_FORMAT)} </dev/null 2>&1; echo "@@ $?"'
+    sacct = f'{limit} sacct -X -n -P -j {ids} -o {SACCT_FIELDS} 2>&1; echo "@@ $?"'
+    # sacct runs while squeue does, its answer waiting in the pipe until squeue's is printed: the query takes as
+    # long as the slower of the two, not both.
+    return f"{{ {sacct}; }} | {{ {squeue}; cat; }}\n{exit_records_command(record_paths)}"
 
 
 def exit_records_command(record_paths: Mapping[str, str]) -> str:
