@@ -96,7 +96,7 @@ def test_a_finished_job_requeued_reads_pending_and_wait_sees_its_second_end(serv
     job = make_job(remote_dir)
     job.add_command(f"echo run >> {remote_dir}/runs")
     server.submit_job(job)
-    assert server.wait(job.job_id, timeout=120)[job.job_id].status is JobStatus.COMPLETED
+    assert cluster.wait_for_state(job.job_id, {"COMPLETED"}) == "COMPLETED"
     ended = cli("status", "--json", job.job_id)
     assert json.loads(ended.stdout)["jobs"][0]["state"] == "COMPLETED", ended.stderr
     # The controller still holds the finished job (squeue lists it), so it can send it back to the queue.
