@@ -1577,7 +1577,8 @@ class WaitSchedule:
     it shares), while a job may end with no exit record to tell (``unwatched``: pending, or submitted elsewhere);
     otherwise backing off (x1.5) from ``first`` to ``most``; and right after an exit record says a job ended, then
     0.5, 1, 2 and 4 s later while the scheduler catches up (it lags the record by seconds). ``fresh_after`` is the
-    moment an answer must be newer than, after an event an older answer cannot reflect (a record, a cancel).
+    moment an answer must be newer than: the wait's start, then after an event an older answer cannot reflect (a
+    record, a cancel).
 
     >>> schedule = WaitSchedule(now=0, first=10, most=60)
     >>> schedule.due(0), [schedule.asked(t) for t in (0, 10, 25)]
@@ -1594,7 +1595,9 @@ class WaitSchedule:
         self.interval = first
         self.most = most
         self.confirm_delay = 0.0
-        self.fresh_after: float | None = None
+        # The first answer must be newer than the wait: an end another wait saw moments ago may have been undone
+        # since (a requeue), and a wait that ends on it would end on a job that runs again.
+        self.fresh_after: float | None = now
 
     def due(self, now: float) -> bool:
         return now >= self.next_query

@@ -96,7 +96,8 @@ def test_a_finished_job_requeued_reads_pending_and_wait_sees_its_second_end(serv
     job = make_job(remote_dir)
     job.add_command(f"echo run >> {remote_dir}/runs")
     server.submit_job(job)
-    assert cluster.wait_for_state(job.job_id, {"COMPLETED"}) == "COMPLETED"
+    # The first end, as a wait learns it: an answer later waits share for a few seconds (see the next wait below).
+    assert server.wait(job.job_id, timeout=120)[job.job_id].status is JobStatus.COMPLETED
     ended = cli("status", "--json", job.job_id)
     assert json.loads(ended.stdout)["jobs"][0]["state"] == "COMPLETED", ended.stderr
     # The controller still holds the finished job (squeue lists it), so it can send it back to the queue.
@@ -107,6 +108,9 @@ def test_a_finished_job_requeued_reads_pending_and_wait_sees_its_second_end(serv
         again = json.loads(cli("status", "--json", job.job_id).stdout)["jobs"][0]
         assert (again["state"], again["finished"]) in {("PENDING", False), ("REQUEUED", False), ("RUNNING", False)}
         assert not server.job_info(job.job_id)[job.job_id].ended
+        # A new wait asks anew rather than take the end the first wait saw moments ago: the job is held back.
+        held = cli("wait", "--timeout", "3", job.job_id)
+        assert held.returncode == 124, (held.returncode, held.stdout, held.stderr)
         release = as_root(cluster, "scontrol", "update", f"JobId={job.job_id}", "StartTime=now")
         assert release.returncode == 0, release.stderr
         waited = cli("wait", "--json", job.job_id, timeout=300)
