@@ -1885,7 +1885,6 @@ def submit_command(plan: SubmissionPlan) -> str:
     """
     quoted_script = shlex.quote(plan.script_path)
     outcome = shlex.quote(plan.script_path + ".submitted")
-    directories = " ".join(map(shlex.quote, plan.directories))
     script_directory = shlex.quote(str(PurePosixPath(plan.script_path).parent))
     log_paths = {plan.record.output_log, plan.record.error_log}
     logs = " ".join(shlex.quote(log) for log in sorted(log_paths) if "%" not in str(PurePosixPath(log).parent))
@@ -1894,10 +1893,13 @@ def submit_command(plan: SubmissionPlan) -> str:
     start, body = shell_here_document(plan.script)
     undo = f'rm -f -- {quoted_script} 2>/dev/null; rmdir -- "$@" 2>/dev/null; exit 1'
     return (
-        # The directories this submission is about to make, deepest first, kept in $@ to remove them again.
+        # The directories this submission makes, one by one from the top, kept in $@ (deepest first) to remove them
+        # again: only those it made itself, never one another process made in between.
         "set --\n"
-        f'for d in {" ".join(map(shlex.quote, deepest_first))}; do [ -d "$d" ] || set -- "$@" "$d"; done\n'
-        f"if [ $# != 0 ]; then mkdir -p -- {directories} || {{ {undo}; }}; fi\n"
+        f"for d in {' '.join(map(shlex.quote, reversed(deepest_first)))}; do\n"
+        '    [ -d "$d" ] && continue\n'
+        f'    if mkdir -- "$d"; then set -- "$d" "$@"; elif [ ! -d "$d" ]; then {undo}; fi\n'
+        "done\n"
         # Outside the command substitution below, so that the script's text is parsed as a here-document only.
         f"write_script() {{\ncat > {quoted_script} {start}\n{body}}}\n"
         # cat, not a shell builtin, so that a full disk or quota is reported in the server's own words.
@@ -1908,10 +1910,15 @@ def submit_command(plan: SubmissionPlan) -> str:
         f"for log in {logs}; do\n"
         '    [ -f "$log" ] || [ -c "$log" ] && [ -w "$log" ] && continue\n'
         "    d=${log%/*}; d=${d:-/}\n"
-        '    if ! reason=$( { printf x | cat > "$d/.sl-forgery-probe.$$"; } 2>&1); then\n'
-        f'        echo "cannot write in $d: ${{reason##*: }}" >&2; rm -f -- "$d/.sl-forgery-probe.$$"; {undo}\n'
+        # A name nobody can guess, made only if it is not there (dd's excl: never through a planted link or
+        # fifo), and removed only once made: in a directory others write to, nothing of theirs is touched.
+        "    probe=\"$d/.sl-forgery-probe.$(od -An -N8 -tx1 /dev/urandom | tr -d ' \\n')\"\n"
+        '    if ! reason=$( { printf x | dd of="$probe" conv=excl status=none; } 2>&1); then\n'
+        f'        echo "cannot write in $d: ${{reason##*: }}" >&2\n'
+        '        [ -f "$probe" ] && [ ! -L "$probe" ] && [ -O "$probe" ] && rm -f -- "$probe"\n'
+        f"        {undo}\n"
         "    fi\n"
-        '    rm -f -- "$d/.sl-forgery-probe.$$"\n'
+        '    rm -f -- "$probe"\n'
         "done\n"
         f"{shlex.join(plan.sbatch_argv)} > {outcome}.tmp; rc=$?\n"
         f'echo "@@ $rc" >> {outcome}.tmp && mv -f -- {outcome}.tmp {outcome}\n'
