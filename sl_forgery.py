@@ -3086,10 +3086,6 @@ def _job_info_from_document(data: Mapping[str, Any]) -> JobInfo:
     return info._replace(status=JobStatus(info.status))
 
 
-def _known_ended(info: JobInfo | None) -> bool:
-    return info is not None and info.ended
-
-
 def remember_ended(server: str, ended: Iterable[tuple[JobRecord, JobInfo]]) -> None:
     """Keep the final states (`end_settled` ones only) of jobs submitted from here, so that asking again costs no
     round trip. Each is tied to its submission (its time), so that a job id the controller hands out again is asked
@@ -3120,65 +3116,88 @@ def load_ended(server: str, records: Mapping[str, JobRecord]) -> dict[str, JobIn
 
 
 def shared_answer(
-    server: str,
+    board: str,
     job_ids: Sequence[str],
     ask: Callable[[list[str]], dict[str, JobInfo]],
     max_age: float = SCHEDULER_POLL_FIRST,
     newer_than: float = 0.0,
 ) -> tuple[dict[str, JobInfo], float]:
-    """The scheduler's answer for ``job_ids`` and its time (`time.time()`), shared by every wait of ``server`` on
-    this machine through a board file, so that however many there are, they ask about once per ``max_age``: an
-    answer on the board younger than that (and, after an event, newer than ``newer_than``) that covers these jobs is
-    taken from it; otherwise one query (``ask``) covers these jobs and those other waits asked for lately. A
-    scheduler that did not answer is put on the board too (`SchedulerBusy` is raised from it), so that the other
-    waits hold off instead of asking it again."""
+    """The scheduler's answer for ``job_ids`` and its time (`time.time()`, the oldest of theirs), shared by every
+    wait of one server on this machine through the board file named ``board``, so that however many there are,
+    they ask about once per ``max_age``: the board's answer for each of these jobs, when each is younger than that
+    (and, after an event, newer than ``newer_than``); otherwise one query (``ask``) covers these jobs and those
+    other waits asked about lately. A scheduler that did not answer is put on the board too (`SchedulerBusy` is
+    raised from it), so that the other waits hold off instead of asking it again. A board held for longer than a
+    scheduler query can take (a wait stopped with Ctrl-Z while it asked) is passed by: this wait asks alone."""
+    import fcntl
     import json
 
-    def read_board() -> tuple[float, dict[str, Any] | None, dict[str, JobInfo], dict[str, float]]:
-        """When the board's answer was had, the scheduler's silence then (or None), the answer, and when each job
-        was last asked about; an empty board when there is none or it was cut short by a crash."""
+    def read_board() -> tuple[dict[str, Any] | None, dict[str, tuple[JobInfo, float]], dict[str, float]]:
+        """The scheduler's silence (or None), each job's last answer and its time, and when each job was last
+        asked about; an empty board when there is none or it was cut short by a crash."""
         try:
             descriptor = _open_own_file(path, os.O_RDONLY)
         except FileNotFoundError:
-            return 0.0, None, {}, {}
+            return None, {}, {}
         with os.fdopen(descriptor, "rb") as board_file:
             try:
-                board = json.loads(board_file.read())
-                infos = {job_id: _job_info_from_document(data) for job_id, data in board.get("infos", {}).items()}
-                wanted = {job_id: float(when) for job_id, when in board.get("wanted", {}).items()}
-                return float(board["asked"]), board.get("busy"), infos, wanted
+                data = json.loads(board_file.read())
+                answers = {
+                    job_id: (_job_info_from_document(document), float(when))
+                    for job_id, (document, when) in data["answers"].items()
+                }
+                wanted = {job_id: float(when) for job_id, when in data["wanted"].items()}
+                return data.get("busy"), answers, wanted
             except (ValueError, KeyError, TypeError, AttributeError):
-                return 0.0, None, {}, {}
+                return None, {}, {}
+
+    def fresh(when: float, now: float) -> bool:
+        return newer_than <= when and 0 <= now - when < max_age
 
     def exchange() -> tuple[dict[str, JobInfo], float]:
-        asked, busy, infos, wanted = read_board()
+        busy, answers, wanted = read_board()
         now = time.time()
         wanted = {job_id: when for job_id, when in wanted.items() if 0 <= now - when < WANTED_SECONDS}
         wanted.update(dict.fromkeys(job_ids, now))
-        fresh = newer_than <= asked and 0 <= now - asked < max_age
-        if fresh and busy:
+        if busy and fresh(float(busy["asked"]), now):
             raise SchedulerBusy(["squeue"], busy["returncode"], "", busy["stderr"], what="squeue")
-        if not (fresh and all(job_id in infos for job_id in job_ids)):
-            others = [job_id for job_id in wanted if job_id not in job_ids and not _known_ended(infos.get(job_id))]
+        if not all(job_id in answers and fresh(answers[job_id][1], now) for job_id in job_ids):
+            # An end on the board is never asked about again by others: only the wait of that job may need it.
+            others = [job_id for job_id in wanted if job_id not in job_ids and job_id in answers]
+            others = [job_id for job_id in others if not answers[job_id][0].ended]
+            others += [job_id for job_id in wanted if job_id not in job_ids and job_id not in answers]
             try:
                 answer = ask([*job_ids, *others])
             except SchedulerBusy as silent:
-                busy = {"returncode": silent.returncode, "stderr": silent.stderr}
-                note({"asked": time.time(), "busy": busy, "infos": {}, "wanted": wanted})
+                busy = {"asked": time.time(), "returncode": silent.returncode, "stderr": silent.stderr}
+                note(busy, answers, wanted)
                 raise
             asked = time.time()
-            infos.update(answer)
-        kept = {job_id: _job_info_document(infos[job_id]) for job_id in wanted if job_id in infos}
-        note({"asked": asked, "infos": kept, "wanted": wanted})
-        return {job_id: infos[job_id] for job_id in job_ids}, asked
+            answers.update((job_id, (info, asked)) for job_id, info in answer.items())
+        note(None, answers, wanted)
+        return {job_id: answers[job_id][0] for job_id in job_ids}, min(answers[job_id][1] for job_id in job_ids)
 
-    def note(board: dict[str, Any]) -> None:
+    def note(busy: dict[str, Any] | None, answers: Mapping[str, tuple[JobInfo, float]], wanted: dict[str, float]):
+        kept = {job: (_job_info_document(info), when) for job, (info, when) in answers.items() if job in wanted}
         with contextlib.suppress(SlForgeryError):
-            write_private_file(path, json.dumps(board))
+            write_private_file(path, json.dumps({"busy": busy, "answers": kept, "wanted": wanted}))
 
     directory = _private_dir(control_dir())
-    path = directory / f"board-{server}.json"
-    return run_exclusively(directory / f"board-{server}.lock", exchange)
+    path = directory / f"board-{board}.json"
+    descriptor = _open_own_file(directory / f"board-{board}.lock", os.O_WRONLY | os.O_CREAT)
+    try:
+        deadline = time.monotonic() + 2 * SCHEDULER_CALL_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return ask(list(job_ids)), time.time()
+                time.sleep(0.05)
+        return exchange()
+    finally:
+        os.close(descriptor)
 
 
 _JOB_ID_RE = re.compile(r"^[0-9]+(_[0-9]+)?$")
@@ -4822,9 +4841,8 @@ class Server:
         newer_than = 0.0 if schedule.fresh_after is None else time.time() - (time.monotonic() - schedule.fresh_after)
         max_age = min(schedule.first, SCHEDULER_POLL_FIRST)
         try:
-            infos, answered = shared_answer(
-                self.profile.name, progress.unfinished(), self.job_info, max_age, newer_than
-            )
+            board = Path(self.connection.socket_path()).name  # one board per server, however it is named here
+            infos, answered = shared_answer(board, progress.unfinished(), self.job_info, max_age, newer_than)
         except SchedulerBusy as busy:
             self.scheduler_failures += 1
             progress.scheduler_silent(busy, time.monotonic())
