@@ -3623,6 +3623,13 @@ def askpass_main(argv: Sequence[str] | None = None) -> int:
     an unknown host key."""
     words = list(sys.argv[1:] if argv is None else argv)
     prompt = words[0] if words else ""
+    kind = os.environ.get("SSH_ASKPASS_PROMPT", "")
+    if kind == "none":  # a notice, such as a security key's "Confirm user presence": nothing to answer
+        _askpass_say(prompt.strip())
+        return 0
+    if kind == "confirm":
+        _askpass_say(f"refusing to confirm {prompt.strip()!r}; answer it with plain ssh in a terminal")
+        return 1
     if "authenticity of host" in prompt or "(yes/no" in prompt or "fingerprint" in prompt.lower():
         _askpass_say("refusing to confirm an unknown host key; accept it with plain ssh first")
         return 1
@@ -3805,7 +3812,10 @@ def wait_for_http(url: str, timeout: float) -> None:
         except (urllib.error.URLError, OSError) as error:
             problem = str(getattr(error, "reason", error))
         time.sleep(0.3)
-    address = url.split("?")[0]
+    from urllib.parse import urlsplit
+
+    # The host and port only: a Jupyter token (in the query) and a TensorBoard's secret path are the URL's key.
+    address = urlsplit(url)._replace(path="/", query="", fragment="").geturl()
     raise TunnelError(["GET", address], 1, "", f"no answer within {timeout:g} s: {problem}", what="the tunnel")
 
 
