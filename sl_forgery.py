@@ -2344,7 +2344,7 @@ def render_tensorboard_commands(run_directory: str, logdir: str) -> list[str]:
     ]
     return [
         "umask 077",
-        f"mkdir -p {run}",
+        f"mkdir -p {run} && {private_directory_check(run_directory)} || exit 1",
         "__slf_addr=$(scontrol show node -o \"$SLURMD_NODENAME\" | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')",
         '[ -n "$__slf_addr" ] || ' + _fail('"cannot read this node\'s NodeAddr from scontrol"'),
         f"printf -- '--path_prefix=/%s\\n' \"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')\" > {run}/flags",
@@ -2358,13 +2358,32 @@ def tensorboard_step_command(job_id: str, run_directory: str, node_script: str) 
     what the job runs) and returns at once: srun runs on in its own session, writes its log and, when the step
     ends, its exit code (``ended``) into ``run_directory``. The step's id goes into ``step`` there, for scancel."""
     run = shlex.quote(run_directory)
-    on_node = f'printf "%s.%s\\n" "$SLURM_JOB_ID" "$SLURM_STEP_ID" > {run}/step\n{node_script}'
+    on_node = f'printf "%s.%s\\n" "$SLURM_JOB_ID" "$SLURM_STEP_ID" > {run}/step\n{node_script}\n'
     srun = ["srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", "--job-name=tensorboard"]
-    step = f'{shlex.join(srun)} bash -c "$1"; echo $? > {run}/ended'
+    # The node's script goes in a private file, not on a command line: its set-up lines may hold a token, and
+    # argv is shown by ps to every user and kept by SLURM as the step's submit line.
+    step = f"{shlex.join(srun)} bash {run}/node.sh; echo $? > {run}/ended"
+    start, body = shell_here_document(on_node)
     return (
-        f"umask 077 && mkdir -p {run} &&\n"
-        f"setsid sh -c {shlex.quote(step)} sh {shlex.quote(on_node)} </dev/null >> {run}/tensorboard.log 2>&1 &"
+        f"umask 077 && mkdir -p {run} && {private_directory_check(run_directory)} &&\n"
+        f"cat > {run}/node.sh {start}\n{body}"
+        f"setsid sh -c {shlex.quote(step)} </dev/null >> {run}/tensorboard.log 2>&1 &"
     )
+
+
+def private_directory_check(path: str) -> str:
+    """A shell test that ``path`` is a real directory of this user nobody else may write to, in a parent of this
+    user's that not everyone may write to: one someone else made first, or could swap (in a workdir others write
+    to), would hand them what is put in it. A parent the user's group may write to (a lab's umask) is accepted."""
+    checks = []
+    for directory, others in ((path, "/022"), (str(PurePosixPath(path).parent), "/002")):
+        quoted = shlex.quote(directory)
+        checks.append(
+            f"[ -d {quoted} ] && [ ! -L {quoted} ] && [ -O {quoted} ] && "
+            f'[ -z "$(find {quoted} -maxdepth 0 -perm {others})" ]'
+        )
+    refusal = f"echo sl-forgery: {shlex.quote(path)} or its parent is not a private directory of yours >&2"
+    return "{ " + " && ".join(checks) + f" || {{ {refusal}; false; }}; }}"
 
 
 def tensorboard_poll_command(run_directory: str) -> str:

@@ -348,3 +348,27 @@ def test_a_dry_run_prints_the_script_and_sbatch_command_a_real_submission_sends(
         uploaded = server.run(f"cat {shlex.quote(remote_dir)}/.sl-forgery/{name}-*.sh").stdout
         assert _unrandom(uploaded) == _unrandom(dry_script)
         assert server.wait([job_id])[job_id].status is sl_forgery.JobStatus.COMPLETED
+
+
+def test_a_run_directory_someone_else_made_or_could_swap_is_refused(open_directory):
+    """TensorBoard's secret goes into its run directory: one planted by another user (here `nobody`), or inside
+    a directory every user may write to, must be refused before anything is put in it."""
+    import os
+    import subprocess
+
+    def accepted(path: Path) -> bool:
+        check = subprocess.run(["/bin/sh", "-c", sl_forgery.private_directory_check(str(path))], capture_output=True)
+        return check.returncode == 0
+
+    mine = open_directory / "mine"
+    mine.mkdir(mode=0o755)
+    (mine / "run").mkdir(mode=0o700)
+    assert accepted(mine / "run")
+    planted = mine / "planted"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 65534, 65534)
+    assert not accepted(planted)
+    (open_directory / "run").mkdir(mode=0o700)
+    assert not accepted(open_directory / "run")  # its parent is writable by every user
+    (mine / "link").symlink_to(mine / "run")
+    assert not accepted(mine / "link")
