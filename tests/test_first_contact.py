@@ -60,7 +60,9 @@ class Terminal:
         end = time.monotonic() + deadline
         while self.process.poll() is None and time.monotonic() < end:
             self._read(0.2)
-        while self._read(0):
+        # What it printed last: read while anything is waiting, not until the end of file, which never comes while
+        # a process it left behind (the connection's master) still holds the terminal.
+        while select.select([self.controller], [], [], 0)[0] and self._read(0):
             pass
         os.close(self.controller)
         return self.process.wait(timeout=max(1, end - time.monotonic()))
