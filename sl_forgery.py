@@ -3706,8 +3706,10 @@ def _ask_on_terminal(prompt: str, tty_path: str | None) -> str | None:
         saved = termios.tcgetattr(descriptor)
         quiet = list(saved)
         quiet[3] &= ~termios.ECHO
-        os.write(descriptor, prompt.encode("utf-8", errors="replace"))
+        # Echo off before the prompt shows, as getpass does: a code typed (or pasted) the moment the prompt appears
+        # must be neither shown nor thrown away by the flush, which would leave ssh waiting for it.
         termios.tcsetattr(descriptor, termios.TCSAFLUSH, quiet)
+        os.write(descriptor, prompt.encode("utf-8", errors="replace"))
         try:
             answer = b""
             while not answer.endswith(b"\n"):
