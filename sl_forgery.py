@@ -2636,15 +2636,32 @@ def _open_own_file(path: str | os.PathLike[str], flags: int) -> int:
     return descriptor
 
 
-def run_exclusively(lock_path: str | os.PathLike[str], action: Callable[[], Any]) -> Any:
+def run_exclusively(
+    lock_path: str | os.PathLike[str],
+    action: Callable[[], Any],
+    wait_at_most: float | None = None,
+    instead: Callable[[], Any] | None = None,
+) -> Any:
     """Run ``action`` while this process holds the lock file, so that commands started together take turns; the
-    lock goes with its process, so one that crashes blocks nobody."""
+    lock goes with its process, so one that crashes blocks nobody. With ``wait_at_most`` (seconds), a lock held
+    longer than that (its holder stopped with Ctrl-Z) is passed by: ``instead`` runs, without the lock."""
     import fcntl
 
     descriptor = _open_own_file(lock_path, os.O_WRONLY | os.O_CREAT)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        return action()
+        if wait_at_most is None or instead is None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            return action()
+        deadline = time.monotonic() + wait_at_most
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return instead()
+                time.sleep(0.05)
+            else:
+                return action()
     finally:
         os.close(descriptor)
 
@@ -3148,7 +3165,6 @@ def shared_answer(
     other waits asked about lately. A scheduler that did not answer is put on the board too (`SchedulerBusy` is
     raised from it), so that the other waits hold off instead of asking it again. A board held for longer than a
     scheduler query can take (a wait stopped with Ctrl-Z while it asked) is passed by: this wait asks alone."""
-    import fcntl
     import json
 
     def read_board() -> tuple[dict[str, Any] | None, dict[str, tuple[JobInfo, float]], dict[str, float]]:
@@ -3203,20 +3219,12 @@ def shared_answer(
 
     directory = _private_dir(control_dir())
     path = directory / f"board-{board}.json"
-    descriptor = _open_own_file(directory / f"board-{board}.lock", os.O_WRONLY | os.O_CREAT)
-    try:
-        deadline = time.monotonic() + 2 * SCHEDULER_CALL_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return ask(list(job_ids)), time.time()
-                time.sleep(0.05)
-        return exchange()
-    finally:
-        os.close(descriptor)
+    return run_exclusively(
+        directory / f"board-{board}.lock",
+        exchange,
+        wait_at_most=2 * SCHEDULER_CALL_TIMEOUT,
+        instead=lambda: (ask(list(job_ids)), time.time()),
+    )
 
 
 _JOB_ID_RE = re.compile(r"^[0-9]+(_[0-9]+)?$")

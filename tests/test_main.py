@@ -323,6 +323,31 @@ def test_unknown_jobs_and_the_deadline_end_the_wait_with_their_own_errors():
         progress.check_deadline(30)
 
 
+def test_waits_share_one_answer_and_a_board_held_by_a_stopped_wait_is_passed_by(monkeypatch):
+    """Waits of one server share the scheduler's answers through a board; one whose holder was stopped (Ctrl-Z)
+    while it asked would hold every other wait up, so after twice a scheduler call's timeout a wait asks alone."""
+    import fcntl
+    import os
+
+    monkeypatch.setattr(sl_forgery, "SCHEDULER_CALL_TIMEOUT", 0.2)
+    asked: list[list[str]] = []
+
+    def ask(job_ids: list[str]) -> dict[str, sl_forgery.JobInfo]:
+        asked.append(job_ids)
+        return {job_id: info(job_id, sl_forgery.JobStatus.RUNNING) for job_id in job_ids}
+
+    board_lock = sl_forgery._private_dir(sl_forgery.control_dir()) / "board-lab.lock"
+    stopped_wait = os.open(board_lock, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(stopped_wait, fcntl.LOCK_EX)
+    answer, _ = sl_forgery.shared_answer("lab", ["5"], ask)
+    assert answer["5"].status is sl_forgery.JobStatus.RUNNING and asked == [["5"]]
+    os.close(stopped_wait)
+    sl_forgery.shared_answer("lab", ["5"], ask)
+    assert asked == [["5"], ["5"]]  # an answer got while passing the board by is not put on it
+    answer, _ = sl_forgery.shared_answer("lab", ["5"], ask)
+    assert answer["5"].status is sl_forgery.JobStatus.RUNNING and asked == [["5"], ["5"]]
+
+
 # -- on the real cluster: a dry run shows exactly what is sent ------------------------------------------------------
 
 
