@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import time
 
-from common import ROOT, cluster_env, connected_bench, median_seconds, print_table
+from common import ROOT, bench_on_cluster, median_seconds, print_table
 
 import sl_forgery
 
@@ -24,11 +24,8 @@ def main() -> None:
     parser.add_argument("--wait-job-seconds", type=int, default=60)
     args = parser.parse_args()
 
-    env = cluster_env()
-    server, raw_ssh = connected_bench(env)
+    env, server, raw_ssh, workdir = bench_on_cluster("bench")
     connection = server.connection
-    home = server.remote_home()
-    workdir = f"{home}/bench"
 
     raw_master = [*raw_ssh, "sbatch --parsable -o /dev/null --wrap true"]
     fresh = [

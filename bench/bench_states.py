@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from common import ROOT, cluster_env, connected_bench, median_seconds, print_table
+from common import ROOT, bench_on_cluster, median_seconds, print_table
 
 import sl_forgery
 
@@ -45,11 +45,8 @@ def main() -> None:
     parser.add_argument("--log-gb", type=float, default=1.0)
     args = parser.parse_args()
 
-    env = cluster_env()
-    server, raw = connected_bench(env)
+    _, server, raw, workdir = bench_on_cluster("bench-states")
     connection = server.connection
-    home = server.remote_home()
-    workdir = f"{home}/bench-states"
 
     def run(argv: list[str]) -> None:
         subprocess.run(argv, capture_output=True, check=True)

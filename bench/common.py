@@ -56,6 +56,14 @@ def connected_bench(env: dict[str, str]) -> tuple[sl_forgery.Server, list[str]]:
     return server, raw
 
 
+def bench_on_cluster(workdir_name: str) -> tuple[dict[str, str], sl_forgery.Server, list[str], str]:
+    """What a cluster benchmark starts from: the cluster's coordinates, a connected private server, the raw ``ssh``
+    argv over its master (see `connected_bench`), and the benchmark's working directory in the remote home."""
+    env = cluster_env()
+    server, raw = connected_bench(env)
+    return env, server, raw, f"{server.remote_home()}/{workdir_name}"
+
+
 def median_seconds(action, repeat: int) -> float:
     times = []
     for _ in range(repeat):
