@@ -125,16 +125,18 @@ EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
 EXIT_SCHEDULER_UNREACHABLE = 75  # sysexits' EX_TEMPFAIL: try again later
 EXIT_CANNOT_START = 78  # sysexits' EX_CONFIG: the job asks for what the cluster never gives
 
+NOT_CHECKED = "-"  # a check's result when what it needs (the connection) failed: that failure is the one to fix
+
 EXIT_CODES_HELP = """\
 exit codes:
   0    success (every job COMPLETED)
   1    a job ended badly (CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...) or another error
   2    usage or configuration error
-  N    wait/run --wait: the exit code of a FAILED job
-  75   wait: the scheduler did not answer for 5 minutes (the jobs may still run)
-  78   wait: a job can never start as submitted (SLURM's reason is shown)
+  N    wait, --wait, logs --follow: the exit code of a FAILED job
+  75   wait, --wait: the scheduler did not answer for 5 minutes (the jobs may still run)
+  78   wait, --wait: a job can never start as submitted (SLURM's reason is shown)
   124  --timeout reached
-  130  interrupted (Ctrl-C); the job keeps running
+  130  interrupted (Ctrl-C); the job keeps running, but under jupyter, which cancels it
   141  the reader of the output went away (a pipe into head)
   255  SSH failure (connection, authentication, host key)
 
@@ -143,7 +145,7 @@ environment:
   SL_FORGERY_SERVER   server profile to use when --server is not given
   SL_FORGERY_SSH_CONFIG  ssh config file for servers whose profile names none (default ~/.ssh/config)
   XDG_STATE_HOME      where the local job history lives (sl-forgery/jobs.jsonl)
-  XDG_CACHE_HOME      where help and completion text are cached
+  XDG_CACHE_HOME      where help and completion text and the parsed servers file are cached
   NO_COLOR            set and not empty: no colour in tables, even on a terminal
 """
 
@@ -388,8 +390,15 @@ def _check_dependency(what: str, value: object) -> str:
     return str(value)
 
 
+_GPUS_RE = re.compile(r"^([A-Za-z0-9_.-]+:)?[1-9][0-9]*$")
+
+
 def _check_gpus(what: str, value: object) -> str:
-    return _check_text(what, value if isinstance(value, str) else str(_check_int(what, value)))
+    if not isinstance(value, str):
+        return str(_check_int(what, value))
+    if not _GPUS_RE.match(_check_text(what, value)):
+        raise UsageError(f"{what} must be a number of GPUs or TYPE:N, such as 2 or a100:2, not {value!r}")
+    return value
 
 
 def _mem_option(ram_gb: float) -> str:
@@ -2007,7 +2016,7 @@ def cell_colour(header: str, value: object) -> str | None:
         if value.is_finished:
             return _RED
         return _CYAN if value in (JobStatus.RUNNING, JobStatus.COMPLETING) else _YELLOW
-    if header == "RESULT":
+    if header == "RESULT" and value != NOT_CHECKED:
         return _GREEN if value == "ok" else _RED
     return None
 
@@ -2526,6 +2535,14 @@ def include_line(path: str | os.PathLike[str]) -> str:
 # ======================================================================================================================
 
 
+def _existing_source(local: str | os.PathLike[str]) -> Path:
+    """A local file or directory to send, which must exist."""
+    source = Path(local)
+    if not source.exists():
+        raise UsageError(f"{source} does not exist; give a local directory or file to send")
+    return source
+
+
 def _xdg_dir(variable: str, fallback: str) -> Path:
     value = os.environ.get(variable)
     return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
@@ -2738,6 +2755,9 @@ PROFILE_KEYS = {
 }
 
 
+# What `ssh -o` takes: a keyword, then '=' or blanks, then its value.
+_SSH_OPTION_RE = re.compile(r"^[A-Za-z]+(\s*=\s*|\s+)\S")
+
 # Profile names reach shells (completion) and file names: letters, digits, '_', '.' and '-', never first a '-'.
 _PROFILE_NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 
@@ -2762,8 +2782,8 @@ def profile_field_problem(key: str, value: object, label: str = "") -> str | Non
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"{label} must be a whole number of sessions (1 or more), not {value!r}"
     elif key == "control_persist":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"{label} must be a whole number of seconds, not {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{label} must be a whole number of seconds from 1 (ssh reads 0 as forever), not {value!r}"
     elif key in ("password_in_keyring", "notify"):
         if not isinstance(value, bool):
             return f"{label} must be true or false, not {value!r}"
@@ -2775,6 +2795,8 @@ def profile_field_problem(key: str, value: object, label: str = "") -> str | Non
             problem = profile_field_problem("", item, f"each of {label}")
             if problem:
                 return problem
+            if key == "ssh_options" and not _SSH_OPTION_RE.match(item):
+                return f"each of {label} must be an ssh option with its value, such as ProxyJump=gateway, not {item!r}"
     elif key == "env_manager" and value not in ENV_MANAGERS:
         return f"{label} {value!r} is not one of {', '.join(ENV_MANAGERS)}"
     elif not isinstance(value, str):
@@ -2927,8 +2949,10 @@ def _read_config_text(path: Path, what: str) -> str:
 
 
 def _load_yaml(text: str, path: Path, advice: str) -> Any:
-    """``yaml.safe_load`` without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes,
-    and a hand-written settings file never needs them. Errors name the file and line."""
+    """``yaml.safe_load`` without anchors and aliases (a few hundred bytes of nested aliases expand to gigabytes,
+    and a hand-written settings file never needs them) and without a key given twice in one mapping (YAML would
+    keep the last silently: a second server of the same name would replace the first). Errors name the file and
+    line."""
     import yaml
 
     try:
@@ -2938,7 +2962,27 @@ def _load_yaml(text: str, path: Path, advice: str) -> Any:
                     f"{path}:{event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not allowed "
                     "here; write each value out"
                 )
-        return yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            document = loader.get_single_node()
+            nodes = [document] if document is not None else []
+            while nodes:
+                node = nodes.pop()
+                if isinstance(node, yaml.MappingNode):
+                    seen = set()
+                    for key, value in node.value:
+                        if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                            raise ConfigError(
+                                f"{path}:{key.start_mark.line + 1}: {key.value!r} is given twice in the same block; "
+                                "keep one"
+                            )
+                        seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+                        nodes.append(value)
+                elif isinstance(node, yaml.SequenceNode):
+                    nodes.extend(node.value)
+            return loader.construct_document(document) if document is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         where = _yaml_error_line(error)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -3544,7 +3588,7 @@ def import_legacy_credentials(path: Path, name: str | None, config: Config) -> P
         raise UsageError(f"{problem}; choose one with --name")
     if data.get("password"):
         store_password(profile.keyring_account, str(data["password"]))
-    profile.password_in_keyring = True
+        profile.password_in_keyring = True
     config.servers[profile.name] = profile
     config.default = config.default or profile.name
     config.save()
@@ -5089,7 +5133,7 @@ class Server:
         try:
             self.connection.ensure_connected()
         except SSHError as error:
-            not_checked = ["FAIL", "not checked: no connection", "fix the connection first"]
+            not_checked = [NOT_CHECKED, "not checked: no connection", ""]
             skipped = [[name, *not_checked] for name in SERVER_CHECK_NAMES]
             fix = "check the host, port and user; 'ssh' to it by hand; start its sshd"
             return [["connection", "FAIL", error.summary, fix], *skipped]
@@ -5703,9 +5747,7 @@ class Server:
     ) -> list[str]:
         """Copy a local directory's contents (or a file) into a remote directory with rsync over the master, made if
         missing; returns the paths copied (with ``dry_run``, those that would be)."""
-        source = Path(local)
-        if not source.exists():
-            raise UsageError(f"{source} does not exist; give a local directory or file to send")
+        source = _existing_source(local)
         remote = _remote_path("remote directory", remote)
         if not dry_run:
             self.create_directory(remote)
@@ -6093,7 +6135,8 @@ def _show_error_tail(server: Server, infos: Iterable[JobInfo], lines: int = 15) 
 
 
 def _check_end_flags(args: Any) -> None:
-    """--notify, --on-end and --report act when waited-for jobs end: on run and submit they need --wait."""
+    """--notify, --on-end and --report act when waited-for jobs end, --timeout ends the waiting: on run and submit
+    they need --wait."""
     if getattr(args, "wait", True):
         return
     for flag, value in (
@@ -6102,9 +6145,10 @@ def _check_end_flags(args: Any) -> None:
         ("--report", args.report),
         ("--cancel-impossible", args.cancel_impossible),
         ("--sync-down", getattr(args, "sync_down", None)),
+        ("--timeout", args.timeout),
     ):
-        if value:
-            raise UsageError(f"{flag} acts when the job ends: add --wait")
+        if value is not None and value is not False:
+            raise UsageError(f"{flag} acts while the job is followed to its end: add --wait")
 
 
 def _sync_around(server: Server, args: Any, workdir: str, before: bool) -> None:
@@ -6119,6 +6163,7 @@ def _sync_around(server: Server, args: Any, workdir: str, before: bool) -> None:
 
 def _dry_run_sync_note(args: Any, workdir: str) -> None:
     if args.sync_up:
+        _existing_source(args.sync_up)
         print(f"# would first copy {args.sync_up} into {workdir}", file=sys.stderr)
     if args.sync_down:
         print(f"# and after the job's end copy {workdir} into {args.sync_down}", file=sys.stderr)
@@ -6649,8 +6694,12 @@ def _say(args: Any, message: str) -> int:
 
 
 def _print_checks(rows: list[list[str]]) -> int:
+    """The table, and its exit code: 255 when the server cannot be reached (as for every command), 1 when another
+    check fails."""
     _print_table(["CHECK", "RESULT", "DETAIL", "FIX"], rows)
-    return EXIT_OK if all(row[1] == "ok" for row in rows) else EXIT_FAILURE
+    if ["connection", "FAIL"] in (row[:2] for row in rows):
+        return EXIT_SSH
+    return EXIT_OK if all(row[1] in ("ok", NOT_CHECKED) for row in rows) else EXIT_FAILURE
 
 
 def cmd_check(args: Any) -> int:
@@ -6734,31 +6783,17 @@ def prompt_password(prompt: str) -> str:
     return password
 
 
-_SERVER_ADD_FIELDS = {
-    "host": "--host",
-    "user": "--user",
-    "port": "--port",
-    "identity_file": "--identity-file",
-    "ssh_config": "--ssh-config",
-    "ssh_options": "--ssh-option",
-    "storage_root": "--storage-root",
-    "working_root": "--working-root",
-    "shared_directory_name": "--shared-directory-name",
-    "conda_environment": "--conda-env",
-    "env_manager": "--env-manager",
-    "setup": "--setup",
-    "partition": "--partition",
-    "account": "--account",
-}
+# A profile key's `server add` flag is its name with dashes, but for these two.
+_SERVER_ADD_DESTINATIONS = {"ssh_options": "ssh_option", "conda_environment": "conda_env"}
 
 
 def _check_new_profile(profile: Profile) -> None:
     """Refuse, before anything is saved, a name or value the servers file would refuse when it is read back."""
     problem = profile_name_problem(profile.name)
-    for key, flag in _SERVER_ADD_FIELDS.items():
+    for key in PROFILE_KEYS:
         value = getattr(profile, key)
         if problem is None and value not in (None, []):
-            problem = profile_field_problem(key, value, flag)
+            problem = profile_field_problem(key, value, "--" + _SERVER_ADD_DESTINATIONS.get(key, key).replace("_", "-"))
     if problem:
         raise UsageError(problem)
 
@@ -6767,14 +6802,8 @@ def cmd_server_add(args: Any) -> int:
     config = load_config()
     if args.name in config.servers and not args.replace:
         raise UsageError(f"server {args.name!r} already exists in {config.path}; pass --replace to overwrite it")
-    # A profile key's flag is its name with dashes, but for these two.
-    destinations = {"ssh_options": "ssh_option", "conda_environment": "conda_env"}
-    given = {key: getattr(args, destinations.get(key, key), None) for key in PROFILE_KEYS}
+    given = {key: getattr(args, _SERVER_ADD_DESTINATIONS.get(key, key), None) for key in PROFILE_KEYS}
     given["ssh_options"] = list(given["ssh_options"] or [])
-    if given["control_persist"] is None:
-        given["control_persist"] = DEFAULT_CONTROL_PERSIST
-    else:
-        given["control_persist"] = _check_int("--control-persist", given["control_persist"])
     given["password_in_keyring"] = False  # set below, once the password is stored
     profile = Profile(name=args.name, **{key: value for key, value in given.items() if value is not None})
     _check_new_profile(profile)
@@ -7145,14 +7174,14 @@ def _add_resource_options(parser: Any) -> None:
             )
 
 
-def _add_setup_option(parser: Any) -> None:
+def _add_setup_option(parser: Any, which: str = "after the profile's own") -> None:
     parser.add_argument(
         "--setup",
         action="append",
         default=[],
         metavar="LINE",
-        help="a shell line run before the environment is activated, e.g. 'module load miniconda3' (repeatable; "
-        "after the profile's own)",
+        help=f"a shell line run before the environment is activated, e.g. 'module load miniconda3' (repeatable; "
+        f"{which})",
     )
 
 
@@ -7185,6 +7214,27 @@ def _command_word(words: Sequence[str]) -> str | None:
     return None
 
 
+def _one_line_errors_parser() -> Any:
+    """argparse's parser, but a wrong flag or value gets one line naming it and where the right ones are, not the
+    whole usage block above it."""
+    import argparse
+
+    class OneLineErrorsParser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:
+            self.exit(EXIT_USAGE, f"{self.prog.split()[0]}: error: {message} (see '{self.prog} --help')\n")
+
+    return OneLineErrorsParser
+
+
+def _port_number(text: str) -> int:
+    """argparse's type for a TCP port."""
+    import argparse
+
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
 def get_parser(only: str | None = None) -> Any:
     """The whole command line, built once here; completion scripts are generated from it. With ``only``, the
     sub-commands other than that one are left out (building all of them costs more than a submission's round
@@ -7208,7 +7258,7 @@ def get_parser(only: str | None = None) -> Any:
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    parser = argparse.ArgumentParser(
+    parser = _one_line_errors_parser()(
         prog=APP_NAME,
         description="Run commands on a remote SLURM cluster as if they were local.",
         epilog=EXIT_CODES_HELP,
@@ -7250,7 +7300,7 @@ def get_parser(only: str | None = None) -> Any:
     sub = command("submit", cmd_submit, "submit a local batch script; prints the job id", end_options, sync_options)
     sub.add_argument("script", metavar="SCRIPT").complete = _COMPLETE_FILE  # type: ignore[attr-defined]
     _add_resource_options(sub)
-    _add_setup_option(sub)
+    _add_setup_option(sub, "after the script's #SBATCH lines; the profile's are for the jobs sl-forgery writes")
     sub.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its code")
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 124)")
     sub.add_argument("--dry-run", action="store_true", help="print what would be submitted; connect to nothing")
@@ -7281,12 +7331,16 @@ def get_parser(only: str | None = None) -> Any:
     _add_resource_options(sub)
     after = sub.add_mutually_exclusive_group()
     after.add_argument("--keep", action="store_true", help="leave a job started for the shell running after it")
-    after.add_argument("--cancel", action="store_true", help="cancel a job started for the shell after it (default)")
+    after.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel a job started for the shell after it (default without a terminal: asked on one)",
+    )
 
     sub = command("forward", cmd_forward, "forward a local port to a port of a job's node; prints its URL", json_flag)
     sub.add_argument("job_id", nargs="?", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
-    sub.add_argument("port", nargs="?", type=int, metavar="PORT", help="the port on the job's node")
-    sub.add_argument("--local", type=int, metavar="PORT", help="this local port (default: a free one)")
+    sub.add_argument("port", nargs="?", type=_port_number, metavar="PORT", help="the port on the job's node")
+    sub.add_argument("--local", type=_port_number, metavar="PORT", help="this local port (default: a free one)")
     sub.add_argument("--list", action="store_true", help="the forwards made from here to running jobs")
     sub.add_argument(
         "--stop", action="store_true", help="remove the forwards to JOBID (to PORT, if given) and what they started"
@@ -7333,7 +7387,9 @@ def get_parser(only: str | None = None) -> Any:
     sub.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
 
     command("queue", cmd_queue, "your jobs in the queue", json_flag)
-    sub = command("history", cmd_history, "jobs submitted from this machine", json_flag)
+    sub = command(
+        "history", cmd_history, "jobs submitted from this machine, to every server unless -s names one", json_flag
+    )
     sub.add_argument("--since", metavar="DURATION", help="only this recent, e.g. 2h or 3d")
 
     command("connect", cmd_connect, "open the shared connection to the server (later calls reuse it)")
@@ -7423,9 +7479,15 @@ def get_parser(only: str | None = None) -> Any:
     sub.add_argument("-m", "--mem", type=float, metavar="GB", help=f"memory in GB (default {mem})")
     sub.add_argument("-t", "--time", type=int, metavar="MIN", help=f"time limit in minutes (default {minutes})")
     sub.add_argument("-p", "--port", type=int, default=0, help="port on the node (default 0: any free port)")
-    sub.add_argument("--dir", metavar="DIR", help="notebook directory on the server (default: your working root)")
+    sub.add_argument(
+        "--dir", metavar="DIR", help="notebook directory on the server (default: working_root/USER, else your home)"
+    )
     sub.add_argument("--partition", metavar="P")
-    sub.add_argument("--jupyter-args", metavar="ARGS", help="extra arguments for 'jupyter lab'")
+    sub.add_argument(
+        "--jupyter-args",
+        metavar="ARGS",
+        help="extra arguments for 'jupyter lab', as one word: --jupyter-args='--ServerApp.x=1 --y'",
+    )
     sub.add_argument("--wait-timeout", type=float, metavar="SECONDS", help="cancel if not started by then (exit 124)")
     sub.add_argument("--detach", action="store_true", help="leave it running and return")
     sub.add_argument("--open", action="store_true", help="open the URL in a browser")
@@ -7569,9 +7631,7 @@ LEGACY_DEFAULT_HOST = "cbsuwsun.biohpc.cornell.edu"  # the original sl-create-se
 
 def _credentials_parser() -> Any:
     """The original ``sl-create-server-credentials`` flags, and the ways to give no password for key login."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
+    parser = _one_line_errors_parser()(
         prog="sl-create-server-credentials",
         add_help=False,
         description="Create a server_credentials.yaml (the password goes to the OS keyring).",

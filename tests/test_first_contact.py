@@ -97,6 +97,13 @@ def test_create_server_credentials_for_key_login_stores_no_password(secret_servi
         profile = sl_forgery.profile_from_legacy(path)
         assert (profile.user, profile.host, profile.password_in_keyring) == ("alice", "lab.example", False)
     assert sl_forgery.get_password("alice@lab.example:22") is None
+    imported = subprocess.run(
+        [console_script("sl-forgery"), "server", "import", str(tmp_path / "flag" / "server_credentials.yaml"),
+         "--name", "keyonly"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert imported.returncode == 0 and "held no password" in imported.stdout + imported.stderr, imported.stderr
+    listed = subprocess.run([console_script("sl-forgery"), "server", "list"], capture_output=True, text=True)
+    assert "keyonly" in listed.stdout and "keyring" not in listed.stdout, listed.stdout  # a key login, as written
 
 
 def test_create_server_credentials_without_a_terminal_fails_clearly(secret_service, home, tmp_path):

@@ -94,7 +94,7 @@ def test_server_add_puts_every_profile_flag_in_the_profile(home, tmp_path):
         "lab": {"host": "other.example"}
     }
     refused = cli("server", "add", "x", "--host", "h", "--control-persist", "0")
-    assert refused.returncode == 2 and "--control-persist must be at least 1" in refused.stderr
+    assert refused.returncode == 2 and "--control-persist must be a whole number of seconds from 1" in refused.stderr
 
 
 def test_server_show_default_and_remove(home):

@@ -162,8 +162,8 @@ def test_on_end_runs_in_the_users_shell_once_per_job_with_its_end(profile_name, 
 
 
 def test_end_actions_without_wait_are_refused_before_anything_is_submitted(profile_name):
-    for flag in (["--notify"], ["--on-end", "true"], ["--report"]):
+    for flag in (["--notify"], ["--on-end", "true"], ["--report"], ["--timeout", "5"]):
         result = cli("run", "--mem", "0.25", *flag, "--", "true")
         assert result.returncode == 2
-        assert result.stderr == f"sl-forgery: error: {flag[0]} acts when the job ends: add --wait\n"
+        assert result.stderr == f"sl-forgery: error: {flag[0]} acts while the job is followed to its end: add --wait\n"
     assert json.loads(cli("history", "--json").stdout)["jobs"] == []
