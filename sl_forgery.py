@@ -6492,25 +6492,27 @@ def cmd_forward(args: Any) -> int:
         record = server.forward(
             args.job_id, args.port, args.local, timeout=args.wait_timeout, on_change=_state_line(args)
         )
-    if args.json:
-        _print_json(record)
-    else:
-        print(record["url"], flush=True)
     job_id = record["job_id"]
-    if args.detach:
-        if record["started"]:
+    # From here a Ctrl-C, even one that comes the moment the URL is printed, takes the forward away.
+    try:
+        if args.json:
+            _print_json(record)
+        else:
+            print(record["url"], flush=True)
+        if args.detach:
+            if record["started"]:
+                return _say(
+                    args,
+                    f"TensorBoard keeps running in job {job_id}, the forward while the shared connection is open; "
+                    f"'sl-forgery forward --stop {job_id}' ends both",
+                )
             return _say(
                 args,
-                f"TensorBoard keeps running in job {job_id}, the forward while the shared connection is open; "
-                f"'sl-forgery forward --stop {job_id}' ends both",
+                "the forward lasts while the shared connection is open; "
+                f"'sl-forgery forward --stop {job_id}' removes it",
             )
-        return _say(
-            args,
-            f"the forward lasts while the shared connection is open; 'sl-forgery forward --stop {job_id}' removes it",
-        )
-    _say(args, f"forwarding to port {record['port']} of job {job_id} on {record['node']}; Ctrl-C stops")
-    step = record["started"] if "." in (record["started"] or "") else None
-    try:
+        _say(args, f"forwarding to port {record['port']} of job {job_id} on {record['node']}; Ctrl-C stops")
+        step = record["started"] if "." in (record["started"] or "") else None
         if step:
             # The step ends with its job, or before it when TensorBoard fails or is cancelled elsewhere.
             while step in server.running_steps([job_id]):
@@ -6952,21 +6954,22 @@ def cmd_jupyter(args: Any) -> int:
         if error.log_tail.strip():
             print(f"--- last lines of the job's error log ---\n{error.log_tail.rstrip()}", file=sys.stderr)
         raise
-    if args.json:
-        # The document `jupyter list --json` prints, for this server alone: scripts get the job id to stop it by.
-        _print_json({"servers": [_jupyter_entry(job, server.job_info([job.job_id])[job.job_id])]})
-        sys.stdout.flush()
-    else:
-        print(job.url, flush=True)
-    if args.open:
-        import webbrowser
-
-        webbrowser.open(browser_redirect_file(job).as_uri())
-    if args.detach:
-        return _say(args, f"Jupyter job {job.job_id} keeps running; 'sl-forgery jupyter stop {job.job_id}' ends it")
-    if not args.quiet:
-        print(f"Jupyter job {job.job_id} runs on {job.host}; Ctrl-C stops it", file=sys.stderr, flush=True)
+    # From here a Ctrl-C, even one that comes while the URL is printed or the browser starts, stops the job.
     try:
+        if args.json:
+            # The document `jupyter list --json` prints, for this server alone: scripts get the job id to stop it by.
+            _print_json({"servers": [_jupyter_entry(job, server.job_info([job.job_id])[job.job_id])]})
+            sys.stdout.flush()
+        else:
+            print(job.url, flush=True)
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(browser_redirect_file(job).as_uri())
+        if args.detach:
+            return _say(args, f"Jupyter job {job.job_id} keeps running; 'sl-forgery jupyter stop {job.job_id}' ends it")
+        if not args.quiet:
+            print(f"Jupyter job {job.job_id} runs on {job.host}; Ctrl-C stops it", file=sys.stderr, flush=True)
         infos = server.wait([job.job_id])
     except KeyboardInterrupt:
         server.stop_jupyter(job.job_id)

@@ -155,19 +155,26 @@ def test_forward_of_a_jobs_web_server_returns_its_page(web_job):
 
 def test_forward_in_the_foreground_ends_with_ctrl_c_and_takes_the_forward_along(web_job):
     job_id, port = web_job
-    process = subprocess.Popen(
-        [console_script("sl-forgery"), "forward", job_id, port],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = process.stdout.readline().strip()
-    assert page(url) == f"served by job {job_id}"
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    with pytest.raises(urllib.error.URLError):
-        page(url)
+    for fetch_first in (True, False):  # a Ctrl-C after using the URL, and one the moment it is printed
+        process = subprocess.Popen(
+            [console_script("sl-forgery"), "forward", job_id, port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        url = process.stdout.readline().strip()
+        if fetch_first:
+            assert page(url) == f"served by job {job_id}"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr
+        assert f"removed the forward to job {job_id}" in stderr
+        assert json.loads(cli("forward", "--list", "--json").stdout)["forwards"] == []
+        # The port is free again, so another program (another run's forward) may take it, but not this job's page.
+        try:
+            assert page(url) != f"served by job {job_id}"
+        except urllib.error.URLError:
+            pass
 
 
 def test_forward_to_a_port_nobody_listens_on_says_so(sleeping_job):
