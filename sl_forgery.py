@@ -351,6 +351,14 @@ def _check_int(what: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def _check_port(what: str, value: object, any_free: bool = False) -> int:
+    """A TCP port; with ``any_free``, also 0 (any free one)."""
+    port = _check_int(what, value, minimum=0 if any_free else 1)
+    if port > 65535:
+        raise UsageError(f"{what} must be at most 65535{' (0: any free port)' if any_free else ''}, not {port}")
+    return port
+
+
 def _check_minutes(what: str, value: object) -> int:
     return _check_int(f"{what} (minutes)", value)
 
@@ -927,9 +935,7 @@ class JupyterJob(Job):
     ) -> None:
         super().__init__(job_name, output_log, error_log, working_directory, conda_environment, **job_arguments)
         self.notebook_directory = _remote_path("notebook_directory", notebook_directory)
-        self.port = _check_int("port", port, minimum=0)
-        if self.port > 65535:
-            raise UsageError(f"port must be at most 65535 (0: any free port), not {self.port}")
+        self.port = _check_port("port", port, any_free=True)
         try:
             self.jupyter_args = shlex.split(_check_text("jupyter_args", jupyter_args, allow_empty=True))
         except ValueError as error:
@@ -5508,7 +5514,9 @@ class Server:
         """Forward a local port (``local_port``, else a free one) over the master to ``port`` on the job's node,
         once something listens there; returns its record (``local_port``, ``host``, ``url``...)."""
         job_id = normalize_job_id(job_id)
-        port = _check_int("port", port)
+        port = _check_port("port", port)
+        if local_port is not None:
+            _check_port("--local port", local_port)
         node = self.job_node(job_id, timeout=timeout, on_change=on_change)
 
         def answered(local_port: int) -> str:
@@ -5526,12 +5534,13 @@ class Server:
         answered: Callable[[int], str],
         **more: Any,
     ) -> dict[str, Any]:
-        """Forward a local port to ``port`` on ``node``; once ``answered(local_port)`` returns the URL, record the
-        forward (with ``more``) and return its record. Whatever goes wrong before takes the forward away."""
+        """Forward a local port (``local_port``, already checked, else a free one) to ``port`` on ``node``; once
+        ``answered(local_port)`` returns the URL, record the forward (with ``more``) and return its record. Whatever
+        goes wrong before takes the forward away."""
         host = node.get("NodeAddr") or node["NodeName"]
         if local_port is None:
             local_port = self.connection.forward_free_port(host, port)
-        elif not self.connection.forward(_check_int("--local port", local_port), host, port):
+        elif not self.connection.forward(local_port, host, port):
             raise UsageError(f"local port {local_port} is taken; pick another with --local, or leave it out")
         try:
             url = answered(local_port)
@@ -5573,6 +5582,8 @@ class Server:
         the step or job that `stop_forward` ends with the forward). Within ``timeout`` seconds, or the step or job
         is ended and the error raised says why."""
         quoted_logdir = tensorboard_logdir(logdir)
+        if local_port is not None:
+            _check_port("--local port", local_port)  # before TensorBoard starts, not once it answers
         if job_id is not None and resources:
             raise UsageError(f"{', '.join(resources)}: for a new job; a step in job {job_id} has the job's resources")
         if self.run(f"test -d {quoted_logdir}", check=False, what="test -d").returncode != 0:
@@ -7229,15 +7240,6 @@ def _one_line_errors_parser() -> Any:
     return OneLineErrorsParser
 
 
-def _port_number(text: str) -> int:
-    """argparse's type for a TCP port."""
-    import argparse
-
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, not {text!r}")
-    return int(text)
-
-
 def get_parser(only: str | None = None) -> Any:
     """The whole command line, built once here; completion scripts are generated from it. With ``only``, the
     sub-commands other than that one are left out (building all of them costs more than a submission's round
@@ -7342,8 +7344,8 @@ def get_parser(only: str | None = None) -> Any:
 
     sub = command("forward", cmd_forward, "forward a local port to a port of a job's node; prints its URL", json_flag)
     sub.add_argument("job_id", nargs="?", metavar="JOBID").complete = _COMPLETE_JOB  # type: ignore[attr-defined]
-    sub.add_argument("port", nargs="?", type=_port_number, metavar="PORT", help="the port on the job's node")
-    sub.add_argument("--local", type=_port_number, metavar="PORT", help="this local port (default: a free one)")
+    sub.add_argument("port", nargs="?", type=int, metavar="PORT", help="the port on the job's node")
+    sub.add_argument("--local", type=int, metavar="PORT", help="this local port (default: a free one)")
     sub.add_argument("--list", action="store_true", help="the forwards made from here to running jobs")
     sub.add_argument(
         "--stop", action="store_true", help="remove the forwards to JOBID (to PORT, if given) and what they started"

@@ -531,7 +531,11 @@ CASES = [
          lambda world: (config(UNREACHABLE)(world), script(SCRIPT)(world)) and None,
          ["{state}"]),
     Case("forward-port-too-big", ["forward", "1", "99999"], 2,
-         "argument PORT: a port is a whole number from 1 to 65535, not '99999'", config(UNREACHABLE), ["{state}"]),
+         "port must be at most 65535, not 99999", config(UNREACHABLE), ["{state}"]),
+    Case("forward-local-port-too-big", ["forward", "1", "80", "--local", "99999"], 2,
+         "--local port must be at most 65535, not 99999", config(UNREACHABLE), ["{state}"]),
+    Case("tensorboard-local-port-too-big", ["forward", "1", "--tensorboard", "/logs", "--local", "99999"], 2,
+         "--local port must be at most 65535, not 99999", config(UNREACHABLE), ["{state}"]),
     # Values that reach SLURM or Jupyter.
     Case("run-mem-inf", ["run", "--dry-run", "--mem", "inf", "--", "true"], 2,
          "--mem must be a positive number of gigabytes, not inf"),
