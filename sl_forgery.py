@@ -3248,9 +3248,11 @@ def shared_answer(
             raise SchedulerBusy(["squeue"], busy["returncode"], "", busy["stderr"], what="squeue")
         if not all(job_id in answers and fresh(answers[job_id][1], now) for job_id in job_ids):
             # An end on the board is never asked about again by others: only the wait of that job may need it.
-            others = [job_id for job_id in wanted if job_id not in job_ids and job_id in answers]
-            others = [job_id for job_id in others if not answers[job_id][0].ended]
-            others += [job_id for job_id in wanted if job_id not in job_ids and job_id not in answers]
+            others = [
+                job_id
+                for job_id in wanted
+                if job_id not in job_ids and not (job_id in answers and answers[job_id][0].ended)
+            ]
             try:
                 answer = ask([*job_ids, *others])
             except SchedulerBusy as silent:
