@@ -84,6 +84,7 @@ SCHEDULER_POLL_FIRST = 10.0  # seconds between scheduler queries while waiting, 
 SCHEDULER_POLL_MAX = 60.0  # ...backing off to this
 WANTED_SECONDS = 2 * SCHEDULER_POLL_MAX  # a job another wait asked about this lately is asked about with the others
 RECENT_SUBMISSION_GRACE = 120.0  # a job this fresh that no scheduler command shows yet is PENDING, not UNKNOWN
+EXIT_CODE_GRACE = 10.0  # how long `wait` asks again for the exit code of a FAILED job whose code sacct lacks
 SCHEDULER_CALL_TIMEOUT = 30  # seconds one squeue or sacct may take before it counts as no answer
 SUBMISSION_LOOKUP_PATIENCE = 60.0  # seconds a lost submission's sbatch is given to end before squeue is searched
 SCHEDULER_GRACE = 300.0  # seconds a wait rides out a controller that does not answer before it fails
@@ -1271,6 +1272,22 @@ def parse_exit_code(text: str) -> tuple[int | None, int | None]:
     return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 
 
+def sacct_outcome(state: str, exit_text: str) -> tuple[JobStatus, int | None, int | None]:
+    """sacct's ``State`` and ``ExitCode`` as (status, exit code, signal). SLURM ends a job FAILED only for a
+    non-zero exit (a launch failure reads ``1:0``); ``FAILED`` with ``0:0`` is the moment when the accounting
+    database made the job's row at its end (it had not heard of the job yet) and the exit code has not reached the
+    row: the code is not known yet, and the job's exit record, when it has one, tells it.
+
+    >>> sacct_outcome("FAILED", "0:0"), sacct_outcome("FAILED", "3:0")
+    ((<JobStatus.FAILED: 'FAILED'>, None, None), (<JobStatus.FAILED: 'FAILED'>, 3, 0))
+    """
+    status = JobStatus.parse(state)
+    code, signal = parse_exit_code(exit_text)
+    if status is JobStatus.FAILED and code == 0 and signal == 0:
+        return status, None, None
+    return status, code, signal
+
+
 SQUEUE_FORMAT = "%i|%T|%r|%j|%N|%L"
 SACCT_FIELDS = "JobID,State,ExitCode,Reason,JobName,NodeList"
 
@@ -1318,9 +1335,9 @@ def parse_sacct(stdout: str) -> dict[str, JobInfo]:
     for job_id, state, exit_text, rest in (row[:3] + ["|".join(row[3:])] for row in _split_rows(stdout, 6)):
         reason, _, tail = rest.partition("|")
         name, _, node = tail.rpartition("|")
-        code, signal = parse_exit_code(exit_text)
+        status, code, signal = sacct_outcome(state, exit_text)
         reason = "" if reason == "None" else reason
-        result[job_id] = JobInfo(job_id, JobStatus.parse(state), code, signal, reason, name, node, "sacct")
+        result[job_id] = JobInfo(job_id, status, code, signal, reason, name, node, "sacct")
     return result
 
 
@@ -1668,11 +1685,17 @@ class WaitProgress:
         self.deadline = None if timeout is None else schedule.next_query + timeout
         self.last: dict[str, JobInfo] = {}
         self.recorded: set[str] = set()
+        self.code_missing_since: dict[str, float] = {}  # FAILED jobs whose exit code sacct lacks (`sacct_outcome`)
+        self.code_awaited: set[str] = set()  # those of them still given EXIT_CODE_GRACE to get it
         self.silent_since: float | None = None  # when the scheduler stopped answering, while it does not
         self.busy_pause = 0.0
 
     def unfinished(self) -> list[str]:
-        return [job_id for job_id in self.job_ids if job_id not in self.last or not self.last[job_id].ended]
+        return [
+            job_id
+            for job_id in self.job_ids
+            if job_id not in self.last or not self.last[job_id].ended or job_id in self.code_awaited
+        ]
 
     def done(self) -> bool:
         return not self.unfinished()
@@ -1688,8 +1711,16 @@ class WaitProgress:
             if info.job_id not in self.last or self.last[info.job_id].status != info.status
         ]
         self.last.update(infos)
-        # A job whose records say it ended while squeue still shows it ending (the epilog runs, sacct lags).
-        confirming = any(
+        for info in infos.values():
+            if info.source == "sacct" and info.status is JobStatus.FAILED and info.exit_code is None:
+                since = self.code_missing_since.setdefault(info.job_id, now)
+                if now - since < EXIT_CODE_GRACE:
+                    self.code_awaited.add(info.job_id)
+                    continue
+            self.code_awaited.discard(info.job_id)
+        # A job whose records say it ended while squeue still shows it ending (the epilog runs, sacct lags), or one
+        # that failed with its exit code still on its way to sacct.
+        confirming = bool(self.code_awaited) or any(
             job_id in self.tasks and self.tasks[job_id] <= self.recorded and self.last[job_id].status in _ENDING_STATES
             for job_id in self.unfinished()
         )
@@ -2166,7 +2197,7 @@ def parse_sacct_usage(stdout: str) -> dict[str, JobUsage]:
     result = {}
     for job_id, (_, state, exit_text, elapsed, limit, total_cpu, cpus, _, requested, nodes) in jobs.items():
         own_steps = steps.get(job_id, [])
-        code, signal = parse_exit_code(exit_text)
+        status, code, signal = sacct_outcome(state, exit_text)
         alloc = int(cpus) if cpus.isdigit() else 0
         peaks = [peak for row in own_steps if (peak := parse_slurm_memory(row[7])) is not None]
         if own_steps:
@@ -2175,7 +2206,7 @@ def parse_sacct_usage(stdout: str) -> dict[str, JobUsage]:
             cpu_time = parse_slurm_duration(total_cpu) or 0.0
         result[job_id] = JobUsage(
             job_id,
-            JobStatus.parse(state),
+            status,
             code,
             signal,
             parse_slurm_duration(elapsed) or 0.0,
@@ -2260,7 +2291,8 @@ def usage_suggestion(usage: JobUsage) -> str:
 def usage_settled(stdout: str) -> bool:
     r"""Whether sacct has recorded the end of every job and step in its output. Just after a job's end, sacct may
     show it ended without its steps (a job that ran has at least its batch step; one cancelled before it started
-    has none), or with its requested memory still unknown (``16?``).
+    has none), FAILED without its exit code (see `sacct_outcome`), or with its requested memory still unknown
+    (``16?``).
 
     >>> usage_settled("7|COMPLETED|0:0|00:00:03|||||1G|1\n"), usage_settled("8|CANCELLED|0:0|00:00:00|||||1G|1\n")
     (False, True)
@@ -2270,7 +2302,9 @@ def usage_settled(stdout: str) -> bool:
         return False
     with_steps = {row[0].partition(".")[0] for row in rows if "." in row[0]}
     return all(
-        (row[0] in with_steps or not parse_slurm_duration(row[3])) and parse_slurm_memory(row[8]) is not None
+        (row[0] in with_steps or not parse_slurm_duration(row[3]))
+        and parse_slurm_memory(row[8]) is not None
+        and sacct_outcome(row[1], row[2]) != (JobStatus.FAILED, None, None)
         for row in rows
         if "." not in row[0]
     )

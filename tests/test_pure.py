@@ -335,6 +335,36 @@ def test_the_end_notice_names_the_job_its_state_and_exit_code():
     assert mac == ["osascript", "-e", 'display notification "back\\\\slash" with title "say \\"hi\\""']
 
 
+def test_a_failed_end_whose_exit_code_has_not_reached_accounting_takes_the_code_from_the_exit_record():
+    # Seen on the test cluster with ten jobs ending at once: for a moment sacct read FAILED 0:0 for a job that exited
+    # 8, and a wait on it exited 1 after printing "FAILED exit 0".
+    squeue = sl_forgery.parse_squeue("9|FAILED|NonZeroExitCode|code8|node1|0:00\n")
+    sacct = sl_forgery.parse_sacct("9|FAILED|0:0|NonZeroExitCode|code8|node1\n")
+    merged = sl_forgery.merge_job_info(["9"], squeue, sacct, {"9": ExitRecord(8, None, "9", "n")})
+    assert (merged["9"].status, merged["9"].exit_code) == (JobStatus.FAILED, 8)
+    assert sl_forgery.exit_code_for(merged.values()) == 8
+    unknown = sl_forgery.merge_job_info(["9"], squeue, sacct, {})["9"]
+    assert (unknown.status, unknown.exit_code, sl_forgery.exit_code_for([unknown])) == (JobStatus.FAILED, None, 1)
+    assert not sl_forgery.usage_settled(
+        "9|FAILED|0:0|00:00:02|00:05:00|00:00:00|1||1G|1\n9.batch|FAILED|8:0|00:00:02||00:00:00|1|1M||1\n"
+    )
+
+
+def test_a_wait_asks_again_for_the_exit_code_of_a_failed_job_without_a_record_then_takes_the_end_as_it_is():
+    without_code = sl_forgery.parse_sacct("9|FAILED|0:0|NonZeroExitCode|py|node1\n")
+    progress = sl_forgery.WaitProgress(["9"], {}, sl_forgery.WaitSchedule(0), None)
+    progress.update(without_code, 0)
+    assert not progress.done() and progress.schedule.next_query == 4
+    progress.update(sl_forgery.parse_sacct("9|FAILED|8:0|NonZeroExitCode|py|node1\n"), 4)
+    assert progress.done() and sl_forgery.exit_code_for(progress.result().values()) == 8
+    never = sl_forgery.WaitProgress(["9"], {}, sl_forgery.WaitSchedule(0), None)
+    for now in (0, 4, 8):
+        never.update(without_code, now)
+        assert not never.done()
+    never.update(without_code, sl_forgery.EXIT_CODE_GRACE)
+    assert never.done() and sl_forgery.exit_code_for(never.result().values()) == 1
+
+
 def test_a_report_waits_for_sacct_to_record_the_steps_of_a_job_that_ran():
     job_only = "7|COMPLETED|0:0|00:00:03|00:05:00|00:00:00|1||1G|1\n"
     assert not sl_forgery.usage_settled(job_only)
