@@ -101,6 +101,7 @@ WATCHER_HEARTBEAT = 5  # seconds; a watcher whose client is gone dies on its nex
 WATCHER_RESTART_PAUSE = 1.0  # seconds between starts of a wait's watcher when its connection keeps failing
 CANCEL_NOTICE_CHECK = 0.5  # seconds between looks, while waiting, for a cancel from this machine
 REPORT_SETTLE = 15.0  # seconds a report after a job's end may wait for sacct to record the end of every step
+LASTING_STOP_SECONDS = 3.0  # how long a watcher's or a followed log's ssh is given to end on SIGTERM
 LOG_SETTLE_SECONDS = 1.0  # after a job ends, what it wrote last reaches a followed log within this
 # sshd allows 10 sessions per connection by default (MaxSessions). Lasting sessions (watchers, logs --follow) take
 # at most this many, across local commands, so that short calls always find room; a refused call is retried after
@@ -1223,6 +1224,12 @@ class JobInfo(
         (state UNKNOWN: a cancellation, a time limit and a preemption all send the same signal)."""
         return self.status.is_finished or (self.source == "record" and self.signal is not None)
 
+    @property
+    def code_pending(self) -> bool:
+        """sacct says the job FAILED but not yet with which exit code (see `sacct_outcome`): the end is for good,
+        the answer not yet whole."""
+        return self.source == "sacct" and self.status is JobStatus.FAILED and self.exit_code is None
+
     def to_json(self) -> dict[str, Any]:
         return {
             **_outcome_json(self),
@@ -1420,7 +1427,8 @@ def _combine_tasks(job_id: str, tasks: list[JobInfo]) -> JobInfo:
     else:
         chosen = min(tasks, key=lambda task: _SEVERITY.index(task.status) if task.status in _SEVERITY else 99)
     codes = [task.exit_code for task in tasks if task.exit_code is not None]
-    return chosen._replace(job_id=job_id, exit_code=max(codes) if codes else None)
+    code_unknown = any(task.status is JobStatus.FAILED and task.exit_code is None for task in tasks)
+    return chosen._replace(job_id=job_id, exit_code=max(codes) if codes and not code_unknown else None)
 
 
 def merge_job_info(
@@ -1441,7 +1449,7 @@ def merge_job_info(
     result = {}
     for job_id in job_ids:
         rows = [
-            info
+            _with_recorded_code(info, exit_records.get(task_id))
             for task_id in _task_ids(job_id, squeue_rows, sacct_rows)
             if (info := _pick(squeue_rows.get(task_id), sacct_rows.get(task_id))) is not None
         ]
@@ -1455,10 +1463,15 @@ def merge_job_info(
             info = _combine_tasks(job_id, [r.info(job_id) for r in task_records if r])._replace(source="record")
         else:
             info = JobInfo(job_id, JobStatus.PENDING if job_id in recent_ids else JobStatus.UNKNOWN, source="none")
-        if info.exit_code is None and record is not None and record.exit_code is not None and info.status.is_finished:
-            info = info._replace(exit_code=record.exit_code)
-        result[job_id] = info
+        result[job_id] = _with_recorded_code(info, record)
     return result
+
+
+def _with_recorded_code(info: JobInfo, record: ExitRecord | None) -> JobInfo:
+    """An ended job's missing exit code, from its own exit record."""
+    if info.exit_code is None and record is not None and record.exit_code is not None and info.status.is_finished:
+        return info._replace(exit_code=record.exit_code)
+    return info
 
 
 def end_settled(job_id: str, info: JobInfo, squeue_rows: Mapping[str, JobInfo]) -> bool:
@@ -1470,7 +1483,7 @@ def end_settled(job_id: str, info: JobInfo, squeue_rows: Mapping[str, JobInfo]) 
     >>> end_settled("7", done, {}), end_settled("7", done, {"7": done._replace(source="squeue")})
     (True, False)
     """
-    return info.ended and not _task_ids(job_id, squeue_rows)
+    return info.ended and not info.code_pending and not _task_ids(job_id, squeue_rows)
 
 
 def normalize_job_id(job_id: object) -> str:
@@ -1708,11 +1721,12 @@ class WaitProgress:
         changed = [
             info
             for info in infos.values()
-            if info.job_id not in self.last or self.last[info.job_id].status != info.status
+            if info.job_id not in self.last
+            or (self.last[info.job_id].status, self.last[info.job_id].exit_code) != (info.status, info.exit_code)
         ]
         self.last.update(infos)
         for info in infos.values():
-            if info.source == "sacct" and info.status is JobStatus.FAILED and info.exit_code is None:
+            if info.code_pending:
                 since = self.code_missing_since.setdefault(info.job_id, now)
                 if now - since < EXIT_CODE_GRACE:
                     self.code_awaited.add(info.job_id)
@@ -1763,7 +1777,11 @@ class WaitProgress:
             )
 
     def check_deadline(self, now: float) -> None:
+        """Raise `WaitTimeout` once the deadline has passed with a job still running; a job that ended and only
+        lacks its exit code (`code_awaited`) is taken as it is then."""
         if self.deadline is not None and now >= self.deadline:
+            self.code_awaited.clear()
+        if self.deadline is not None and now >= self.deadline and not self.done():
             states = ", ".join(
                 f"{job_id} {self.last[job_id].status}" for job_id in self.unfinished() if job_id in self.last
             )
@@ -4333,8 +4351,13 @@ class SSHConnection:
                 seen += byte
             yield process
         finally:
+            # Ctrl-C comes through here: an ssh that does not end on SIGTERM must not hold the command up.
             process.terminate()
-            process.wait()
+            try:
+                process.wait(timeout=LASTING_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             os.close(slot)
 
     @contextlib.contextmanager
@@ -5027,6 +5050,8 @@ class Server:
             if progress.schedule.due(now) and self._ask_scheduler(progress, on_change, cancel_impossible):
                 return progress.result()
             progress.check_deadline(time.monotonic())
+            if progress.done():  # the deadline came while ended jobs only waited for their exit codes
+                return progress.result()
             pause = min(progress.pause(time.monotonic()), CANCEL_NOTICE_CHECK)
             if watcher is None:
                 time.sleep(min(pause, RECORD_POLL_SECONDS) if record_paths else pause)

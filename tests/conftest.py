@@ -10,6 +10,7 @@ test of any run does, and no other test runs until it has restored what it chang
 from __future__ import annotations
 
 import fcntl
+import json
 import contextlib
 import os
 import re
@@ -176,13 +177,35 @@ def cluster_lock(request):
         assert not request.node.get_closest_marker("exclusive"), "an exclusive test must use the cluster fixture"
         yield
         return
-    state = request.getfixturevalue("cluster").state
+    cluster = request.getfixturevalue("cluster")
     exclusive = request.node.get_closest_marker("exclusive") is not None
-    descriptor = _locked(state / "tests.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    history = request.getfixturevalue("tmp_path") / "state" / "sl-forgery" / "jobs.jsonl"  # see private_dirs
+    descriptor = _locked(cluster.state / "tests.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     try:
         yield
     finally:
-        os.close(descriptor)
+        try:
+            _cancel_own_jobs(cluster, history)
+        finally:
+            os.close(descriptor)
+
+
+def _cancel_own_jobs(cluster, history: Path) -> None:
+    """Cancel, as root, every job the test submitted through sl-forgery (its own job history), so that a test that
+    failed half-way leaves no job behind to hold the node's CPUs from the tests after it, of this run or another."""
+    if not history.is_file():
+        return
+    job_ids = set()
+    for line in history.read_text().splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            job_ids.add(str(json.loads(line)["job_id"]))
+    if job_ids:
+        subprocess.run(
+            ["scancel", *sorted(job_ids)],
+            env={**os.environ, "SLURM_CONF": cluster.slurm_conf},
+            capture_output=True,
+            timeout=60,
+        )
 
 
 def _control(socket: Path, operation: str) -> list[str]:

@@ -15,7 +15,12 @@ def _sacct_row(cluster, job_id: str, deadline: float = 30) -> str:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         row = cluster.ssh(f"sacct -X -n -P -o JobID,State,ExitCode -j {job_id}").stdout.strip()
-        if row and row.split("|")[1] not in ("PENDING", "RUNNING", "COMPLETING"):
+        # For a moment after a job fails, sacct may read FAILED 0:0: its exit code has not reached the database.
+        if (
+            row
+            and row.split("|")[1] not in ("PENDING", "RUNNING", "COMPLETING")
+            and row.split("|")[1:] != ["FAILED", "0:0"]
+        ):
             return row
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not end within {deadline} s")

@@ -855,4 +855,4 @@ def check_history_obstacle(obstacle: str, world: World, users, cluster) -> None:
     assert reason in result.stderr
     if obstacle != "history-is-a-directory":
         assert os.listdir(theirs) == []
-    assert job_id in cluster.ssh(f"squeue -h -j {job_id} -o %i; sacct -n -X -j {job_id} -o JobID").stdout
+    assert job_id in cluster.ssh(f"squeue -h --states=all -j {job_id} -o %i; sacct -n -X -j {job_id} -o JobID").stdout

@@ -345,6 +345,15 @@ def test_a_failed_end_whose_exit_code_has_not_reached_accounting_takes_the_code_
     assert sl_forgery.exit_code_for(merged.values()) == 8
     unknown = sl_forgery.merge_job_info(["9"], squeue, sacct, {})["9"]
     assert (unknown.status, unknown.exit_code, sl_forgery.exit_code_for([unknown])) == (JobStatus.FAILED, None, 1)
+    # An array reads as its worst task: a failed task whose code sacct lacks takes it from its own record, and
+    # without one the array has no code (not the code of a task that completed).
+    array_sacct = sl_forgery.parse_sacct("7_1|COMPLETED|0:0|None|a|node1\n7_2|FAILED|0:0|None|a|node1\n")
+    with_record = sl_forgery.merge_job_info(["7"], {}, array_sacct, {"7_2": ExitRecord(8, None, "7_2", "n")})["7"]
+    assert (with_record.status, with_record.exit_code) == (JobStatus.FAILED, 8)
+    without = sl_forgery.merge_job_info(["7"], {}, array_sacct, {})["7"]
+    assert (without.status, without.exit_code, without.code_pending) == (JobStatus.FAILED, None, True)
+    # Such an end is not kept as final, so that the code is asked for again.
+    assert not sl_forgery.end_settled("9", unknown, {}) and sl_forgery.end_settled("9", merged["9"], {})
     assert not sl_forgery.usage_settled(
         "9|FAILED|0:0|00:00:02|00:05:00|00:00:00|1||1G|1\n9.batch|FAILED|8:0|00:00:02||00:00:00|1|1M||1\n"
     )
@@ -363,6 +372,13 @@ def test_a_wait_asks_again_for_the_exit_code_of_a_failed_job_without_a_record_th
         assert not never.done()
     never.update(without_code, sl_forgery.EXIT_CODE_GRACE)
     assert never.done() and sl_forgery.exit_code_for(never.result().values()) == 1
+    # The code that comes late is a change the progress shows; a deadline while it is awaited is no time-out.
+    late = sl_forgery.WaitProgress(["9"], {}, sl_forgery.WaitSchedule(0), timeout=2)
+    late.update(without_code, 0)
+    late.check_deadline(2)
+    assert late.done() and late.result()["9"].status is JobStatus.FAILED
+    changed = late.update(sl_forgery.parse_sacct("9|FAILED|8:0|NonZeroExitCode|py|node1\n"), 3)
+    assert [info.exit_code for info in changed] == [8]
 
 
 def test_a_report_waits_for_sacct_to_record_the_steps_of_a_job_that_ran():

@@ -130,8 +130,8 @@ def test_a_job_preempted_and_requeued_never_reads_ended_while_its_epilog_runs(
         job = make_job(remote_dir, unique_name, cpus=32)  # the whole node: an urgent job must preempt it
         job.add_command("sleep 300")
         server.submit_job(job)
-        assert cluster.wait_for_state(job.job_id, {"RUNNING"}) == "RUNNING"
         try:
+            assert cluster.wait_for_state(job.job_id, {"RUNNING"}) == "RUNNING"
             cluster.ssh(f"sbatch --parsable -p urgent -c 32 --mem=64M -J {unique_name} -o /dev/null --wrap 'sleep 1'")
             # While the epilog runs squeue says COMPLETING and sacct PREEMPTED; then squeue shows it waiting again.
             seen = []
