@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "cluster"
 
 
+def pytest_configure(config) -> None:
+    """A suite started in the background by a non-interactive shell or under nohup ignores SIGINT and SIGHUP, and a
+    program inherits an ignored signal: the commands the tests interrupt would not hear it. The suite takes both
+    with a handler that does nothing instead (so it still outlives a closed terminal), which the programs it
+    starts do not inherit: they get the default, as from a terminal."""
+    import signal
+
+    for number in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(number) is signal.SIG_IGN:
+            signal.signal(number, lambda *_: None)
+
+
 @dataclass(frozen=True)
 class Cluster:
     state: Path
